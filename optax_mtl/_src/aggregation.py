@@ -1,0 +1,186 @@
+"""The generic builder: a Gram weighting becomes an optax transformation.
+
+Every Gram-based method is three stages (see DESIGN.md):
+
+1. ``gram``: per-task gradients -> ``M = J J^T`` over the shared leaves;
+2. ``weighting``: ``M`` (+ state, losses) -> ``w``, tiny ``K x K`` math;
+3. ``combine``: ``w`` -> ``J^T w``.
+
+A method is therefore a :class:`Weighting` plus a call to
+:func:`weighted_aggregation`, which owns validation, the ``shared=`` mask, the
+``update_weights_every`` schedule and the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optax_mtl._src import contract
+from optax_mtl._src import gram as gram_lib
+from optax_mtl._src import shared as shared_lib
+
+PyTree = Any
+
+
+class Weighting(NamedTuple):
+  """The middle stage of a method: Gram matrix (+ state, losses) -> weights.
+
+  Attributes:
+    init: ``(num_tasks, dtype) -> state``, the method's own state (``()`` for
+      stateless weightings).
+    update: ``(gram, state, task_losses) -> (weights, state)``. ``gram`` is
+      ``None`` when ``needs_gram`` is false, ``task_losses`` is ``None`` when
+      the caller passed none. Must be pure and jittable.
+    needs_gram: whether the Gram matrix is used (skipped otherwise).
+    needs_task_losses: whether ``task_losses`` is required.
+  """
+
+  init: Callable[[int, Any], PyTree]
+  update: Callable[[jax.Array | None, PyTree, jax.Array | None], tuple[jax.Array, PyTree]]
+  needs_gram: bool = True
+  needs_task_losses: bool = False
+
+
+def stateless(fn: Callable[[jax.Array], jax.Array], *, needs_gram: bool = True) -> Weighting:
+  """Wraps a pure ``gram -> weights`` function as a :class:`Weighting`."""
+
+  def update(gram, state, task_losses):
+    del task_losses
+    return fn(gram), state
+
+  return Weighting(init=lambda num_tasks, dtype: (), update=update, needs_gram=needs_gram)
+
+
+class AggregationState(NamedTuple):
+  """State of every aggregation transform.
+
+  Attributes:
+    count: number of updates performed (int32).
+    weights: ``(K,)`` weights used in the last update (the initial weights
+      before the first one).
+    weighting_state: the method's own state (warm starts, EMAs, keys, ...).
+  """
+
+  count: jax.Array
+  weights: jax.Array
+  weighting_state: PyTree
+
+
+def weights_dtype(params: PyTree) -> jnp.dtype:
+  """float32, or float64 when the params contain float64 leaves."""
+  dtypes = [
+      contract.dtype_of(x)
+      for x in jax.tree.leaves(params)
+      if jnp.issubdtype(contract.dtype_of(x), jnp.floating)
+  ]
+  return gram_lib.accumulation_dtype(*dtypes)
+
+
+def weighted_aggregation(
+    num_tasks: int,
+    weighting: Weighting | Callable[[jax.Array], jax.Array],
+    *,
+    shared: shared_lib.SharedMask = None,
+    update_weights_every: int | jax.Array = 1,
+    initial_weights: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Turns a Gram weighting into a multi-task gradient transformation.
+
+  The transformation takes per-task gradients (every leaf ``(K, ...)``) and
+  returns :math:`J^\top w`, with ``w`` computed from the Gram matrix of the
+  shared leaves:
+
+  .. math::
+    M = \sum_{\text{shared leaves}} g^{(\ell)} {g^{(\ell)}}^\top, \qquad
+    w = \mathrm{weighting}(M), \qquad
+    d^{(\ell)} = \sum_i w_i\, g_i^{(\ell)} \text{ for every leaf.}
+
+  Task-specific leaves (``shared`` false) receive their ``w``-weighted
+  gradients too; they only stay out of ``M``.
+
+  Args:
+    num_tasks: the number of tasks ``K`` (static: it fixes the state shapes).
+    weighting: a :class:`Weighting`, or a pure function ``gram -> weights``.
+    shared: ``None`` (every leaf shared), a pytree of bools (or a prefix) or a
+      callable ``params -> pytree of bools`` marking the shared parameters.
+    update_weights_every: recompute the weights every this many updates and
+      reuse the last ones in between (Nash-MTL's ``update_weights_every``).
+      The Gram and the weighting are skipped on the steps in between.
+    initial_weights: ``(K,)`` weights held in the state before the first
+      update (default ones).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``task_losses`` as an extra argument and ignores other extra arguments.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_mtl
+    >>> mean = lambda gram: jnp.full(gram.shape[:1], 1.0 / gram.shape[0])
+    >>> tx = optax_mtl.weighted_aggregation(2, mean)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> jac = {"w": jnp.array([[1., 2., 3.], [3., 2., 1.]])}
+    >>> updates, state = tx.update(jac, tx.init(params), params)
+    >>> updates["w"]
+    Array([2., 2., 2.], dtype=float32)
+  """
+  k = contract.check_num_tasks(num_tasks)
+  if not isinstance(weighting, Weighting):
+    weighting = stateless(weighting)
+  if isinstance(update_weights_every, int) and update_weights_every < 1:
+    raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}.")
+  static_every = update_weights_every if isinstance(update_weights_every, int) else None
+
+  def init_fn(params):
+    dtype = weights_dtype(params)
+    if initial_weights is None:
+      weights = jnp.ones((k,), dtype)
+    else:
+      weights = contract.check_task_vector(initial_weights, k, "initial_weights").astype(dtype)
+    return AggregationState(
+        count=jnp.zeros([], jnp.int32),
+        weights=weights,
+        weighting_state=weighting.init(k, dtype),
+    )
+
+  def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    del extra_args
+    contract.check_task_gradients(updates, k, params)
+    task_losses = contract.check_task_vector(task_losses, k, "task_losses")
+    if weighting.needs_task_losses and task_losses is None:
+      raise ValueError(
+          "This method needs the per-task losses: call"
+          " tx.update(per_task_grads, state, params, task_losses=losses) with"
+          f" losses of shape ({k},)."
+      )
+    flags = shared_lib.resolve(shared, params, updates)
+    dtype = state.weights.dtype
+
+    def refresh(weighting_state):
+      m = None
+      if weighting.needs_gram:
+        m = gram_lib.gram_of_leaves(shared_lib.selected_leaves(updates, flags), k)
+      weights, weighting_state = weighting.update(m, weighting_state, task_losses)
+      return weights.astype(dtype), weighting_state
+
+    def keep(weighting_state):
+      return state.weights, weighting_state
+
+    if static_every == 1:
+      weights, weighting_state = refresh(state.weighting_state)
+    else:
+      due = state.count % update_weights_every == 0
+      weights, weighting_state = lax.cond(due, refresh, keep, state.weighting_state)
+
+    new_updates = gram_lib.combine(weights, updates)
+    return new_updates, AggregationState(
+        count=optax.safe_increment(state.count),
+        weights=weights,
+        weighting_state=weighting_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,140 @@
+"""The per-task gradient contract.
+
+Per-task gradients are a pytree shaped like the parameters whose every leaf
+carries a leading task axis of length ``K``: what :func:`jax.jacrev` of a
+``(K,)``-valued loss returns. Everything here runs at trace time on shapes
+only, so a malformed tree fails before any computation is staged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+def leaf_path(path) -> str:
+  """A readable name for a pytree path, e.g. ``params/dense/kernel``."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
+
+
+def shape_of(x) -> tuple[int, ...]:
+  shape = getattr(x, "shape", None)
+  return tuple(shape) if shape is not None else tuple(np.shape(x))
+
+
+def dtype_of(x):
+  dtype = getattr(x, "dtype", None)
+  return jnp.dtype(dtype) if dtype is not None else jnp.result_type(x)
+
+
+def check_num_tasks(num_tasks) -> int:
+  """Validates the static ``num_tasks`` argument of every factory."""
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
+    raise TypeError(
+        "num_tasks must be a Python int (it fixes the state shapes at init); got"
+        f" {num_tasks!r} of type {type(num_tasks).__name__}. Under"
+        " optax.inject_hyperparams pass static_args=('num_tasks',)."
+    )
+  if num_tasks < 1:
+    raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
+  return int(num_tasks)
+
+
+def check_task_gradients(
+    per_task_grads: PyTree,
+    num_tasks: int | None = None,
+    params: PyTree | None = None,
+) -> int:
+  """Checks that every leaf carries the same leading task axis; returns ``K``.
+
+  Args:
+    per_task_grads: a pytree whose leaves have shape ``(K, *param_shape)``.
+    num_tasks: the expected ``K``; when ``None`` it is read from the first leaf
+      and only consistency across leaves is checked.
+    params: when given, each leaf must have exactly the shape
+      ``(K, *param.shape)`` of its parameter.
+
+  Returns:
+    The number of tasks ``K``.
+
+  Raises:
+    ValueError: naming the offending leaf, its shape and the expected shape.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(per_task_grads)
+  if not flat:
+    if num_tasks is None:
+      raise ValueError("The per-task gradients have no leaves: cannot infer K.")
+    return num_tasks
+
+  param_leaves = None
+  if params is not None:
+    try:
+      param_leaves = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as err:
+      raise ValueError(
+          "The per-task gradients and the params have different tree"
+          f" structures.\n  gradients: {treedef}\n  params: "
+          f"{jax.tree.structure(params)}"
+      ) from err
+
+  k = num_tasks
+  source = "num_tasks"
+  for i, (path, leaf) in enumerate(flat):
+    shape = shape_of(leaf)
+    name = leaf_path(path)
+    if param_leaves is not None:
+      param_shape = shape_of(param_leaves[i])
+      if k is None:
+        if len(shape) != len(param_shape) + 1:
+          raise ValueError(
+              f"Per-task gradient at '{name}' has shape {shape} but its"
+              f" parameter has shape {param_shape}: expected (K, *{param_shape})"
+              " with a leading task axis."
+          )
+        k, source = shape[0], f"leaf '{name}'"
+      expected = (k, *param_shape)
+      if shape != expected:
+        raise ValueError(
+            f"Per-task gradient at '{name}' has shape {shape}; expected"
+            f" {expected}: a leading task axis of {k} (from {source}) before"
+            f" the parameter's shape {param_shape}."
+        )
+    else:
+      if not shape:
+        raise ValueError(
+            f"Per-task gradient at '{name}' is a scalar (shape ()); every leaf"
+            " needs a leading task axis of length K."
+        )
+      if k is None:
+        k, source = shape[0], f"leaf '{name}'"
+      elif shape[0] != k:
+        raise ValueError(
+            f"Per-task gradient at '{name}' has shape {shape}, whose leading"
+            f" task axis is {shape[0]}; expected {k} (from {source}), i.e. shape"
+            f" {(k, *shape[1:])}."
+        )
+    dtype = dtype_of(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"Per-task gradient at '{name}' has dtype {dtype}; real floating"
+          " point gradients are required."
+      )
+  return k
+
+
+def check_task_vector(x, num_tasks: int, name: str):
+  """Checks a ``(K,)`` vector such as ``task_losses`` or user weights."""
+  if x is None:
+    return None
+  shape = shape_of(x)
+  if shape != (num_tasks,):
+    raise ValueError(
+        f"{name} must have shape ({num_tasks},) (one entry per task); got shape"
+        f" {shape}."
+    )
+  return jnp.asarray(x)

@@ -1,0 +1,124 @@
+"""The first and last stages of every Gram-based method: ``gram`` and ``combine``.
+
+``gram`` contracts every non-task axis of every leaf and sums the ``K x K``
+results, so the per-task gradients are never reshaped to ``(K, -1)`` nor
+concatenated. On sharded parameters each device contracts its own shard and
+one all-reduce of ``K x K`` numbers finishes the job: the gradients are never
+gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from optax_mtl._src import contract
+from optax_mtl._src import shared as shared_lib
+
+PyTree = Any
+
+
+def accumulation_dtype(*dtypes) -> jnp.dtype:
+  """float32, or float64 when a leaf is float64 (only under ``jax_enable_x64``)."""
+  return jnp.promote_types(jnp.float32, jnp.result_type(*dtypes)) if dtypes else jnp.dtype(jnp.float32)
+
+
+def _replicated_out_sharding(leaf):
+  """``P()`` on the leaf's mesh when that mesh has Explicit axes, else ``None``.
+
+  With Explicit axes JAX refuses to guess the sharding of a contraction over a
+  sharded dimension; the Gram is tiny and every device needs it, so it is
+  replicated. With Auto axes (or no mesh) the partitioner decides on its own.
+  """
+  mesh = jax.typeof(leaf).sharding.mesh
+  if any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return NamedSharding(mesh, PartitionSpec())
+  return None
+
+
+def _leaf_gram(leaf: jax.Array, dtype) -> jax.Array:
+  axes = tuple(range(1, leaf.ndim))
+  return lax.dot_general(
+      leaf,
+      leaf,
+      dimension_numbers=((axes, axes), ((), ())),
+      preferred_element_type=dtype,
+      out_sharding=_replicated_out_sharding(leaf),
+  ).astype(dtype)
+
+
+def gram(per_task_grads: PyTree, mask: PyTree | None = None) -> jax.Array:
+  r"""The Gram matrix of the per-task gradients, :math:`M = J J^\top`.
+
+  .. math::
+    M_{ij} = \sum_{\ell \in \text{leaves}} \langle g_i^{(\ell)}, g_j^{(\ell)} \rangle
+
+  Each leaf ``(K, *shape)`` is contracted over all of its non-task axes with
+  :func:`jax.lax.dot_general` accumulating in float32 (float64 for float64
+  leaves), which is exact enough for bf16/f16 gradients, and the ``K x K``
+  results are summed over leaves. On parameters sharded over a mesh (Explicit
+  or Auto axes) this lowers to local contractions plus one all-reduce.
+
+  Args:
+    per_task_grads: pytree of per-task gradients, every leaf ``(K, ...)``.
+    mask: optional pytree of bools (or a prefix of the tree) selecting the
+      leaves that enter the Gram, e.g. the shared parameters.
+
+  Returns:
+    The ``(K, K)`` Gram matrix, float32 (float64 if a selected leaf is).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl
+    >>> jac = {"w": jnp.array([[1., 0.], [1., 1.]]), "b": jnp.array([0., 2.])}
+    >>> optax_mtl.gram(jac)
+    Array([[1., 1.],
+           [1., 6.]], dtype=float32)
+  """
+  k = contract.check_task_gradients(per_task_grads)
+  flags = None if mask is None else shared_lib.broadcast_mask(mask, per_task_grads)
+  return gram_of_leaves(shared_lib.selected_leaves(per_task_grads, flags), k)
+
+
+def gram_of_leaves(leaves: list, num_tasks: int) -> jax.Array:
+  """Sum of the per-leaf Grams of already validated ``(K, ...)`` leaves."""
+  dtype = accumulation_dtype(*(contract.dtype_of(x) for x in leaves))
+  total = jnp.zeros((num_tasks, num_tasks), dtype)
+  for leaf in leaves:
+    total = total + _leaf_gram(jnp.asarray(leaf), dtype)
+  return total
+
+
+def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
+  r"""The weighted sum over the task axis, :math:`d = J^\top w = \sum_i w_i g_i`.
+
+  Computed leaf by leaf as a float32 (float64 for float64 leaves) multiply and
+  reduce that XLA fuses into one pass over the gradients; the result is cast
+  back to each leaf's dtype.
+
+  Args:
+    weights: ``(K,)`` task weights.
+    per_task_grads: pytree of per-task gradients, every leaf ``(K, ...)``.
+
+  Returns:
+    A pytree shaped like the parameters.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl
+    >>> jac = {"w": jnp.array([[1., 0.], [1., 1.]])}
+    >>> optax_mtl.combine(jnp.array([0.5, 2.0]), jac)
+    {'w': Array([2.5, 2. ], dtype=float32)}
+  """
+  k = contract.check_task_gradients(per_task_grads)
+  weights = contract.check_task_vector(weights, k, "weights")
+
+  def leaf_combine(g):
+    g = jnp.asarray(g)
+    dtype = accumulation_dtype(g.dtype, weights.dtype)
+    w = weights.astype(dtype).reshape((k,) + (1,) * (g.ndim - 1))
+    return jnp.sum(w * g.astype(dtype), axis=0).astype(g.dtype)
+
+  return jax.tree.map(leaf_combine, per_task_grads)

@@ -1,0 +1,107 @@
+"""The generic builder weighted_aggregation (optax_mtl._src.aggregation)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_mtl
+import problems
+
+K = problems.NUM_TASKS
+
+
+def setup(seed=1):
+  params = problems.init_params()
+  losses, jac = problems.per_task_gradients(params, *problems.make_batch(seed=seed))
+  return params, jac, losses
+
+
+def inverse_norm(gram):
+  return 1.0 / jnp.sqrt(jnp.diag(gram))
+
+
+def test_stateless_weighting_is_gram_then_combine():
+  params, jac, losses = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm)
+  updates, state = jax.jit(tx.update)(jac, tx.init(params), params)
+  w = inverse_norm(optax_mtl.gram(jac))
+  expected = optax_mtl.combine(w, jac)
+  for u, v in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(state.weights, w, rtol=1e-5, atol=1e-7)
+  assert int(state.count) == 1
+
+
+def test_shared_mask_restricts_the_gram_only():
+  params, jac, _ = setup()
+  seen = []
+
+  def record(gram):
+    seen.append(gram)
+    return inverse_norm(gram)
+
+  tx = optax_mtl.weighted_aggregation(K, record, shared=problems.is_shared)
+  updates, state = tx.update(jac, tx.init(params), params)
+  trunk_gram = optax_mtl.gram(jac, mask={"trunk": True, "heads": False})
+  np.testing.assert_allclose(seen[0], trunk_gram, rtol=1e-5, atol=1e-7)
+  # Task-specific leaves still receive their w-weighted gradients.
+  np.testing.assert_allclose(updates["heads"]["task1"], state.weights[1] * jac["heads"]["task1"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_stateful_weighting_threads_its_state_and_losses():
+  params, jac, losses = setup()
+
+  def init(num_tasks, dtype):
+    return {"calls": jnp.zeros([], jnp.int32), "last_losses": jnp.zeros((num_tasks,), dtype)}
+
+  def update(gram, state, task_losses):
+    del gram
+    return jax.nn.softmax(task_losses), {"calls": state["calls"] + 1, "last_losses": task_losses}
+
+  tx = optax_mtl.weighted_aggregation(
+      K, optax_mtl.Weighting(init, update, needs_gram=False, needs_task_losses=True))
+  state = tx.init(params)
+  for _ in range(2):
+    _, state = jax.jit(tx.update)(jac, state, params, task_losses=losses)
+  assert int(state.weighting_state["calls"]) == 2
+  np.testing.assert_allclose(state.weighting_state["last_losses"], losses)
+  np.testing.assert_allclose(state.weights, jax.nn.softmax(losses), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="needs the per-task losses"):
+    tx.update(jac, state, params)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_update_weights_every_reuses_the_last_weights(traced):
+  params = problems.init_params()
+  factory = optax_mtl.weighted_aggregation
+  if traced:
+    factory = optax.inject_hyperparams(factory, static_args=("num_tasks", "weighting"))
+  tx = factory(K, inverse_norm, update_weights_every=3)
+  state = tx.init(params)
+  history = []
+  step = jax.jit(tx.update)
+  for t in range(7):
+    _, jac = problems.per_task_gradients(params, *problems.make_batch(seed=10 + t))
+    updates, state = step(jac, state, params)
+    history.append(np.asarray(optax.tree.get(state, "weights")))
+    fresh = inverse_norm(optax_mtl.gram(jac))
+    if t % 3 == 0:
+      np.testing.assert_allclose(history[-1], fresh, rtol=1e-5, atol=1e-7)
+    else:
+      np.testing.assert_array_equal(history[-1], history[t - t % 3])
+      assert not np.allclose(history[-1], fresh, rtol=1e-3)
+    expected = optax_mtl.combine(history[-1], jac)
+    np.testing.assert_allclose(updates["trunk"]["w"], expected["trunk"]["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_initial_weights_and_validation():
+  params = problems.init_params()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, initial_weights=jnp.array([1.0, 2.0, 3.0]))
+  np.testing.assert_array_equal(tx.init(params).weights, [1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(optax_mtl.weighted_aggregation(K, inverse_norm).init(params).weights, np.ones(K))
+  with pytest.raises(ValueError, match="update_weights_every"):
+    optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=0)
+  with pytest.raises(ValueError, match=r"initial_weights must have shape \(3,\)"):
+    optax_mtl.weighted_aggregation(K, inverse_norm, initial_weights=jnp.ones(2)).init(params)

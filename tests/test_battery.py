@@ -1,0 +1,224 @@
+"""The common battery: every transform of the registry (transforms.py) runs it."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import optax_mtl
+import problems
+from transforms import CASES
+
+K = problems.NUM_TASKS
+RTOL = 1e-5
+ATOL = 1e-6
+
+pytestmark = pytest.mark.parametrize("case", CASES, ids=str)
+
+
+def make(case, **overrides):
+  return case.factory(K, **{**case.kwargs, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def problem(dtype_name="float32"):
+  params = problems.init_params(dtype=jnp.dtype(dtype_name))
+  x, y = problems.make_batch()
+  losses, jac = problems.per_task_gradients(params, x, y)
+  return params, jac, losses
+
+
+def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(v, np.float64), rtol=rtol, atol=atol)
+
+
+def assert_same_types(a, b):
+  """Same tree structure, shapes and dtypes (what lax.cond/scan require)."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert (jnp.shape(u), jnp.result_type(u)) == (jnp.shape(v), jnp.result_type(v))
+
+
+def test_chain_with_adam_under_jit(case):
+  params, jac, losses = problem()
+  tx = optax.chain(make(case), optax.adam(1e-2))
+  alone = make(case)
+
+  @jax.jit
+  def step(params, state, jac, losses):
+    updates, state = tx.update(jac, state, params, task_losses=losses)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  alone_state = alone.init(params)
+  adam = optax.adam(1e-2)
+  adam_state = adam.init(params)
+  for _ in range(3):
+    new_params, state, updates = step(params, state, jac, losses)
+    aggregated, alone_state = alone.update(jac, alone_state, params, task_losses=losses)
+    expected, adam_state = adam.update(aggregated, adam_state, params)
+    assert_trees_close(updates, expected)
+    assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(new_params))
+    params = new_params
+    losses, jac = problems.per_task_gradients(params, *problems.make_batch())
+  weights = optax.tree.get(state, "weights")
+  assert weights.shape == (K,)
+  assert int(state[0].count) == 3
+
+
+def test_unknown_extra_args_are_ignored(case):
+  params, jac, losses = problem()
+  tx = make(case)
+  state = tx.init(params)
+  plain = tx.update(jac, state, params, task_losses=losses)
+  extra = tx.update(jac, state, params, task_losses=losses, batch_stats=None, step=3, label="x")
+  assert_trees_close(plain, extra, rtol=0, atol=0)
+
+
+def test_no_recompilation_on_second_call(case):
+  params, jac, losses = problem()
+  tx = optax.chain(make(case), optax.sgd(0.1))
+  traces = []
+
+  @jax.jit
+  def step(params, state, jac, losses):
+    traces.append(None)
+    updates, state = tx.update(jac, state, params, task_losses=losses)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  params, state = step(params, state, jac, losses)
+  losses, jac = problems.per_task_gradients(params, *problems.make_batch(seed=5))
+  params, state = step(params, state, jac, losses)
+  assert len(traces) == 1
+  assert step._cache_size() == 1
+
+
+def test_inject_hyperparams(case):
+  params, jac, losses = problem()
+  injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)
+  tx = injected(K, **case.kwargs)
+  state = tx.init(params)
+  assert_trees_close(
+      jax.jit(tx.update)(jac, state, params, task_losses=losses)[0],
+      make(case).update(jac, make(case).init(params), params, task_losses=losses)[0],
+  )
+  for name, (first, second) in case.injectable.items():
+    tx = injected(K, **{**case.kwargs, name: first})
+    state = tx.init(params)
+    state.hyperparams[name] = jnp.asarray(second, state.hyperparams[name].dtype)
+    updates, _ = jax.jit(tx.update)(jac, state, params, task_losses=losses)
+    reference = make(case, **{name: second})
+    expected, _ = reference.update(jac, reference.init(params), params, task_losses=losses)
+    assert_trees_close(updates, expected)
+
+
+def test_partition_with_task_heads(case):
+  params, jac, losses = problem()
+  labels = {"trunk": "shared", "heads": "heads"}
+  tx = optax.partition(
+      {
+          "shared": optax.chain(make(case), optax.sgd(1.0)),
+          "heads": optax.chain(optax_mtl.linear_scalarization(K), optax.sgd(1.0)),
+      },
+      labels,
+  )
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(jac, state, params, task_losses=losses)
+  masked = make(case, shared=problems.is_shared)
+  expected, _ = masked.update(jac, masked.init(params), params, task_losses=losses)
+  assert_trees_close(updates["trunk"], jax.tree.map(jnp.negative, expected["trunk"]))
+  assert_trees_close(
+      updates["heads"], jax.tree.map(lambda g: -jnp.sum(g, axis=0), jac["heads"]))
+
+
+def test_leaf_dtypes_are_kept(case):
+  params, jac, losses = problem()
+  params = dict(params, trunk=jax.tree.map(lambda p: p.astype(jnp.bfloat16), params["trunk"]))
+  jac = dict(jac, trunk=jax.tree.map(lambda g: g.astype(jnp.bfloat16), jac["trunk"]))
+  tx = make(case)
+  updates, state = jax.jit(tx.update)(jac, tx.init(params), params, task_losses=losses)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype and u.shape == p.shape
+  assert state.weights.dtype == jnp.float32
+  reference, _ = tx.update(*problem()[1:2], tx.init(problem()[0]), problem()[0], task_losses=losses)
+  assert_trees_close(updates["trunk"], reference["trunk"], rtol=5e-2, atol=5e-2)
+
+
+def test_state_types_are_stable(case):
+  params, jac, losses = problem()
+  tx = make(case)
+  state0 = tx.init(params)
+  step = jax.jit(functools.partial(tx.update, task_losses=losses))
+  _, state1 = step(jac, state0, params)
+  _, state2 = step(jac, state1, params)
+  assert_same_types(state0, state1)
+  assert_same_types(state1, state2)
+
+  @jax.jit
+  def maybe_update(pred, state):
+    return lax.cond(pred, lambda s: tx.update(jac, s, params, task_losses=losses)[1], lambda s: s, state)
+
+  assert_same_types(maybe_update(True, state0), state0)
+  assert int(maybe_update(True, state0).count) == 1
+  assert int(maybe_update(False, state0).count) == 0
+
+  def body(state, _):
+    return tx.update(jac, state, params, task_losses=losses)[1], None
+
+  scanned, _ = lax.scan(body, state0, length=3)
+  assert int(scanned.count) == 3
+
+
+def test_init_on_shape_dtype_struct(case):
+  params, _, _ = problem()
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  tx = make(case)
+  assert_same_types(tx.init(abstract), tx.init(params))
+  assert_same_types(jax.eval_shape(tx.init, abstract), tx.init(params))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_sharded_equals_unsharded(case, axis_type):
+  params, jac, losses = problem()
+  tx = optax.chain(make(case), optax.adam(1e-2))
+  expected, _ = jax.jit(tx.update)(jac, tx.init(params), params, task_losses=losses)
+
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+  # Every trunk leaf is split over "model" along its first axis; heads stay replicated.
+  param_spec = {"trunk": {"w": P("model", None), "b": P("model")},
+                "heads": jax.tree.map(lambda _: P(), params["heads"])}
+  jac_spec = jax.tree.map(lambda s: P(None, *s), param_spec, is_leaf=lambda s: isinstance(s, P))
+  put = lambda tree, specs: jax.tree.map(
+      lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs,
+      is_leaf=lambda s: isinstance(s, P))
+  sharded_params, sharded_jac = put(params, param_spec), put(jac, jac_spec)
+  with jax.set_mesh(mesh):
+    state = tx.init(sharded_params)
+    updates, state = jax.jit(tx.update)(sharded_jac, state, sharded_params, task_losses=losses)
+  assert_trees_close(updates, expected)
+  assert updates["trunk"]["w"].sharding.spec == P("model", None) or axis_type == AxisType.Auto
+  assert updates["trunk"]["w"].sharding.is_equivalent_to(sharded_params["trunk"]["w"].sharding, 2)
+
+
+def test_contract_errors(case):
+  params, jac, losses = problem()
+  tx = make(case)
+  state = tx.init(params)
+  wrong_k = dict(jac, trunk=dict(jac["trunk"], b=jac["trunk"]["b"][:2]))
+  with pytest.raises(ValueError, match=r"trunk/b.*\(2, 8\).*\(3, 8\)"):
+    tx.update(wrong_k, state, params, task_losses=losses)
+  no_axis = dict(jac, trunk=dict(jac["trunk"], w=params["trunk"]["w"]))
+  with pytest.raises(ValueError, match=r"trunk/w.*\(16, 8\).*\(3, 16, 8\)"):
+    jax.jit(tx.update)(no_axis, state, params, task_losses=losses)
+  with pytest.raises(ValueError, match=r"task_losses must have shape \(3,\)"):
+    tx.update(jac, state, params, task_losses=losses[:2])

@@ -1,0 +1,35 @@
+"""The registry of transforms that the common battery (test_battery.py) runs.
+
+A method joins the battery with one ``Case`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+import optax_mtl
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  factory: Callable[..., Any]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  # Numeric hyperparameters checked under optax.inject_hyperparams: name -> two values.
+  injectable: dict = dataclasses.field(default_factory=dict)
+  # Arguments that must stay static under optax.inject_hyperparams.
+  static_args: tuple = ("num_tasks",)
+
+  def __str__(self) -> str:
+    return self.name
+
+
+CASES = [
+    Case("linear_scalarization", optax_mtl.linear_scalarization,
+         injectable={"weights": (np.array([1.0, 2.0, 0.5]), np.array([0.1, 1.0, 3.0]))}),
+    Case("linear_scalarization_mean", optax_mtl.linear_scalarization,
+         kwargs={"reduction": "mean"}),
+]
