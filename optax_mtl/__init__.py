@@ -12,19 +12,33 @@ from optax_mtl._src.aggregation import AggregationState
 from optax_mtl._src.aggregation import Weighting
 from optax_mtl._src.aggregation import weighted_aggregation
 from optax_mtl._src.contract import check_task_gradients
+from optax_mtl._src.contract import check_updates
 from optax_mtl._src.gram import combine
 from optax_mtl._src.gram import gram
+from optax_mtl._src.guard import apply_updates
+from optax_mtl._src.guard import checked
 from optax_mtl._src.linear_scalarization import linear_scalarization
+from optax_mtl._src.task_gradients import TaskGradients
+from optax_mtl._src.task_gradients import feature_task_gradients
+from optax_mtl._src.task_gradients import task_gradients
+from optax_mtl._src.task_gradients import value_and_jacobian
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AggregationState",
+    "TaskGradients",
     "Weighting",
+    "apply_updates",
     "check_task_gradients",
+    "check_updates",
+    "checked",
     "combine",
+    "feature_task_gradients",
     "gram",
     "linear_scalarization",
+    "task_gradients",
+    "value_and_jacobian",
     "weighted_aggregation",
     "weighting",
 ]

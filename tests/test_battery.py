@@ -222,3 +222,19 @@ def test_contract_errors(case):
     jax.jit(tx.update)(no_axis, state, params, task_losses=losses)
   with pytest.raises(ValueError, match=r"task_losses must have shape \(3,\)"):
     tx.update(jac, state, params, task_losses=losses[:2])
+
+
+def test_lazy_task_gradients_equal_the_explicit_tree(case):
+  params, jac, losses = problem()
+  x, y = problems.make_batch()
+  tx = make(case, shared=problems.is_shared)
+  expected, expected_state = tx.update(jac, tx.init(params), params, task_losses=losses)
+
+  @jax.jit
+  def lazy(params):
+    grads = optax_mtl.task_gradients(problems.task_losses)(params, x, y)
+    return tx.update(grads, tx.init(params), params)
+
+  updates, state = lazy(params)
+  assert_trees_close(updates, expected, rtol=2e-5)
+  assert_trees_close(state, expected_state, rtol=2e-5)

@@ -23,6 +23,7 @@ from jax import lax
 from optax_mtl._src import contract
 from optax_mtl._src import gram as gram_lib
 from optax_mtl._src import shared as shared_lib
+from optax_mtl._src import task_gradients as task_gradients_lib
 
 PyTree = Any
 
@@ -149,7 +150,10 @@ def weighted_aggregation(
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
-    contract.check_task_gradients(updates, k, params)
+    grads = task_gradients_lib.as_task_gradients(updates)
+    grads.check(k, params)
+    if task_losses is None:
+      task_losses = grads.losses
     task_losses = contract.check_task_vector(task_losses, k, "task_losses")
     if weighting.needs_task_losses and task_losses is None:
       raise ValueError(
@@ -157,26 +161,31 @@ def weighted_aggregation(
           " tx.update(per_task_grads, state, params, task_losses=losses) with"
           f" losses of shape ({k},)."
       )
-    flags = shared_lib.resolve(shared, params, updates)
+    flags = shared_lib.resolve(shared, params, grads.param_tree())
     dtype = state.weights.dtype
 
-    def refresh(weighting_state):
-      m = None
-      if weighting.needs_gram:
-        m = gram_lib.gram_of_leaves(shared_lib.selected_leaves(updates, flags), k)
+    def solve(m, weighting_state):
       weights, weighting_state = weighting.update(m, weighting_state, task_losses)
       return weights.astype(dtype), weighting_state
 
-    def keep(weighting_state):
-      return state.weights, weighting_state
+    def refresh(weighting_state):
+      if weighting.needs_gram:
+        new_updates, (weights, weighting_state) = grads.gram_and_update(
+            flags, lambda m: solve(m, weighting_state))
+      else:
+        weights, weighting_state = solve(None, weighting_state)
+        new_updates = grads.weighted_update(weights)
+      return new_updates, weights, weighting_state
+
+    def reuse(weighting_state):
+      return grads.weighted_update(state.weights), state.weights, weighting_state
 
     if static_every == 1:
-      weights, weighting_state = refresh(state.weighting_state)
+      new_updates, weights, weighting_state = refresh(state.weighting_state)
     else:
       due = state.count % update_weights_every == 0
-      weights, weighting_state = lax.cond(due, refresh, keep, state.weighting_state)
+      new_updates, weights, weighting_state = lax.cond(due, refresh, reuse, state.weighting_state)
 
-    new_updates = gram_lib.combine(weights, updates)
     return new_updates, AggregationState(
         count=optax.safe_increment(state.count),
         weights=weights,

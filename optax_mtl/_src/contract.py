@@ -138,3 +138,38 @@ def check_task_vector(x, num_tasks: int, name: str):
         f" {shape}."
     )
   return jnp.asarray(x)
+
+
+def check_updates(updates: PyTree, params: PyTree) -> None:
+  """Checks that every update leaf has exactly its parameter's shape.
+
+  A per-task gradient tree that reaches :func:`optax.apply_updates` without
+  an aggregator is silently broadcast: ``params + updates`` turns every
+  ``(n,)`` parameter into ``(K, n)``. This check, run at trace time, turns
+  that into an error naming the leaf.
+
+  Raises:
+    ValueError: naming the first leaf whose shape differs.
+  """
+  try:
+    param_leaves = jax.tree.structure(updates).flatten_up_to(params)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+        "The updates and the params have different tree structures.\n  updates:"
+        f" {jax.tree.structure(updates)}\n  params: {jax.tree.structure(params)}"
+    ) from err
+  for (path, update), param in zip(jax.tree_util.tree_flatten_with_path(updates)[0], param_leaves):
+    if update is None or param is None:
+      continue
+    if shape_of(update) != shape_of(param):
+      hint = ""
+      if shape_of(update)[1:] == shape_of(param):
+        hint = (
+            " It has an extra leading axis of"
+            f" {shape_of(update)[0]}: per-task gradients that were not aggregated"
+            " (put an optax_mtl transform first in the chain)."
+        )
+      raise ValueError(
+          f"Update at '{leaf_path(path)}' has shape {shape_of(update)} but its"
+          f" parameter has shape {shape_of(param)}.{hint}"
+      )

@@ -95,9 +95,8 @@ def gram_of_leaves(leaves: list, num_tasks: int) -> jax.Array:
 def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
   r"""The weighted sum over the task axis, :math:`d = J^\top w = \sum_i w_i g_i`.
 
-  Computed leaf by leaf as a float32 (float64 for float64 leaves) multiply and
-  reduce that XLA fuses into one pass over the gradients; the result is cast
-  back to each leaf's dtype.
+  Computed leaf by leaf in float32 (float64 for float64 leaves), in one fused
+  pass over the gradients; the result is cast back to each leaf's dtype.
 
   Args:
     weights: ``(K,)`` task weights.
@@ -118,7 +117,14 @@ def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
   def leaf_combine(g):
     g = jnp.asarray(g)
     dtype = accumulation_dtype(g.dtype, weights.dtype)
-    w = weights.astype(dtype).reshape((k,) + (1,) * (g.ndim - 1))
-    return jnp.sum(w * g.astype(dtype), axis=0).astype(g.dtype)
+    w = weights.astype(dtype)
+    # An unrolled sum over the (small, static) task axis: XLA fuses it into
+    # one elementwise pass reading the K slices, several times faster on CPU
+    # than a reduction over the strided leading axis and exact in float32
+    # for low-precision leaves.
+    total = w[0] * g[0].astype(dtype)
+    for i in range(1, k):
+      total = total + w[i] * g[i].astype(dtype)
+    return total.astype(g.dtype)
 
   return jax.tree.map(leaf_combine, per_task_grads)

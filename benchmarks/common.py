@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmark scripts: environment facts, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def environment() -> dict:
+  """Device kind and versions, recorded with every result."""
+  import jaxlib
+  import numpy
+  import optax
+
+  import optax_mtl
+
+  device = jax.devices()[0]
+  return {
+      "platform": device.platform,
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": os.cpu_count(),
+      "machine": platform.machine(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "optax": optax.__version__,
+      "numpy": numpy.__version__,
+      "optax_mtl": optax_mtl.__version__,
+      "date": time.strftime("%Y-%m-%d"),
+  }
+
+
+def block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict:
+  """Median/min/max seconds of each call, measured round-robin after compilation.
+
+  Interleaving the variants spreads slow drifts of the machine (other load,
+  frequency changes) over all of them instead of biasing one.
+  """
+  for call in calls.values():
+    for _ in range(warmup):
+      block(call())
+  samples = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      block(call())
+      samples[name].append(time.perf_counter() - start)
+  return {
+      name: {
+          "median_ms": 1e3 * statistics.median(values),
+          "min_ms": 1e3 * min(values),
+          "max_ms": 1e3 * max(values),
+          "repeats": len(values),
+      }
+      for name, values in samples.items()
+  }
+
+
+def write(result: dict, out: str | os.PathLike | None, default_name: str) -> pathlib.Path:
+  path = pathlib.Path(out) if out else RESULTS / default_name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+  return path

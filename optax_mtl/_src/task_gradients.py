@@ -1,0 +1,464 @@
+"""Gradient paths: per-task Jacobians, and gradients the transform evaluates lazily.
+
+Because a Gram-based update is ``J^T w``, the transform does not always need
+the ``K`` per-task gradients: once ``w`` is known, one backward pass of
+``sum_i w_i L_i`` gives the update. This module offers three ways to hand the
+gradients to a transform:
+
+- :func:`value_and_jacobian`: the explicit per-task gradient tree (every leaf
+  ``(K, ...)``), vectorised over the ``K`` cotangents or in chunks;
+- :func:`task_gradients`: one forward pass, kept as a VJP. The transform runs
+  the ``K`` backward passes only on the steps where it recomputes the weights
+  (``update_weights_every``) and a single weighted backward pass otherwise;
+  with ``store_jacobian=False`` the Gram matrix is built column by column from
+  VJPs and JVPs, so the ``K x params`` Jacobian is never stored;
+- :func:`feature_task_gradients`: the Gram of the gradients with respect to a
+  shared representation ``z`` (MGDA-UB, Aligned-MTL-UB), then one backward
+  pass through the encoder.
+
+All three are consumed by every ``optax_mtl`` transform through the same
+:class:`TaskGradients` interface.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_mtl._src import contract
+from optax_mtl._src import gram as gram_lib
+from optax_mtl._src import shared as shared_lib
+
+PyTree = Any
+Solve = Callable[[jax.Array], tuple[jax.Array, Any]]
+
+
+def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype) -> Any:
+  """``fn`` applied to the ``K`` unit cotangents, stacked on a leading axis."""
+  eye = jnp.eye(num_tasks, dtype=dtype)
+  if batch_size is None:
+    return jax.vmap(fn)(eye)
+  return lax.map(fn, eye, batch_size=batch_size)
+
+
+def _check_batch_size(batch_size):
+  if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}.")
+
+
+def _check_loss_vector(losses, has_aux: bool) -> None:
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+        "The loss function must return the (K,) vector of task losses"
+        f"{' (and aux)' if has_aux else ''}; got shape {jnp.shape(losses)}."
+    )
+
+
+def _merge_leaves(treedef, flags: list[bool], shared_leaves: list, other_leaves: list) -> PyTree:
+  shared_iter, other_iter = iter(shared_leaves), iter(other_leaves)
+  return treedef.unflatten([next(shared_iter) if f else next(other_iter) for f in flags])
+
+
+class TaskGradients(abc.ABC):
+  """Per-task gradients that an ``optax_mtl`` transform evaluates lazily.
+
+  Pass an instance to ``tx.update`` in place of the per-task gradient tree;
+  ``task_losses`` then default to :attr:`losses`. The transform must come
+  first in an ``optax.chain`` (nothing before it can transform a lazy
+  object). An instance holds the closures of one forward pass: create and
+  consume it inside the same traced step function (it is not a pytree and
+  does not cross a ``jax.jit`` boundary).
+
+  Attributes:
+    losses: the ``(K,)`` task losses of the forward pass.
+    aux: the auxiliary output of the loss function (``None`` without
+      ``has_aux``).
+  """
+
+  losses: jax.Array
+  aux: Any
+
+  @property
+  def num_tasks(self) -> int:
+    return self.losses.shape[0]
+
+  @abc.abstractmethod
+  def check(self, num_tasks: int, params: PyTree | None) -> None:
+    """Validates ``K`` and the parameter structure at trace time."""
+
+  @abc.abstractmethod
+  def param_tree(self) -> PyTree:
+    """A tree with the structure of the differentiated params."""
+
+  @abc.abstractmethod
+  def jacobian(self) -> PyTree:
+    """The explicit per-task gradients, every leaf ``(K, ...)``."""
+
+  @abc.abstractmethod
+  def gram_and_update(self, flags: list[bool] | None, solve: Solve) -> tuple[PyTree, Any]:
+    """Builds the Gram ``M`` of the shared part, ``w, out = solve(M)``, and ``J^T w``.
+
+    Returns:
+      ``(updates, (w, out))``.
+    """
+
+  @abc.abstractmethod
+  def weighted_update(self, weights: jax.Array) -> PyTree:
+    """``J^T w``: with a lazy object, one backward pass of ``sum_i w_i L_i``."""
+
+
+class JacobianTree(TaskGradients):
+  """An explicit per-task gradient tree (what ``jax.jacrev`` gives)."""
+
+  def __init__(self, jac: PyTree, losses: jax.Array | None = None):
+    self.jac = jac
+    self.losses = losses
+    self.aux = None
+
+  @property
+  def num_tasks(self) -> int:
+    return contract.check_task_gradients(self.jac)
+
+  def check(self, num_tasks, params):
+    contract.check_task_gradients(self.jac, num_tasks, params)
+
+  def param_tree(self):
+    return self.jac
+
+  def jacobian(self):
+    return self.jac
+
+  def gram_and_update(self, flags, solve):
+    m = gram_lib.gram_of_leaves(shared_lib.selected_leaves(self.jac, flags), self.num_tasks)
+    weights, out = solve(m)
+    return gram_lib.combine(weights, self.jac), (weights, out)
+
+  def weighted_update(self, weights):
+    return gram_lib.combine(weights, self.jac)
+
+
+def as_task_gradients(updates: PyTree | TaskGradients) -> TaskGradients:
+  return updates if isinstance(updates, TaskGradients) else JacobianTree(updates)
+
+
+class _ParamSpace:
+  """Shapes of the differentiated params, to validate ``update``'s params."""
+
+  def __init__(self, params: PyTree):
+    self.treedef = jax.tree.structure(params)
+    self.abstract = [jax.ShapeDtypeStruct(contract.shape_of(x), contract.dtype_of(x))
+                     for x in jax.tree.leaves(params)]
+    self.shapes = [x.shape for x in self.abstract]
+
+  def tree(self) -> PyTree:
+    return self.treedef.unflatten(self.abstract)
+
+  def check(self, params: PyTree | None) -> None:
+    if params is None:
+      return
+    if jax.tree.structure(params) != self.treedef:
+      raise ValueError(
+          "The params given to update() do not have the structure of the params"
+          f" the task gradients were taken at.\n  gradients: {self.treedef}\n"
+          f"  params: {jax.tree.structure(params)}"
+      )
+    for (path, leaf), shape in zip(jax.tree_util.tree_flatten_with_path(params)[0], self.shapes):
+      if contract.shape_of(leaf) != shape:
+        raise ValueError(
+            f"Parameter '{contract.leaf_path(path)}' has shape {contract.shape_of(leaf)}"
+            f" but the task gradients were taken at shape {shape}."
+        )
+
+
+def _check_losses(losses: jax.Array, num_tasks: int) -> None:
+  if losses.shape != (num_tasks,):
+    raise ValueError(
+        f"The loss function returned losses of shape {losses.shape}; expected"
+        f" ({num_tasks},) (num_tasks)."
+    )
+
+
+class VJPTaskGradients(TaskGradients):
+  """Per-task gradients kept as the VJP of one forward pass."""
+
+  def __init__(self, losses, aux, vjp_fn, jvp_fn, params, batch_size, store_jacobian):
+    self.losses, self.aux = losses, aux
+    self._vjp, self._jvp = vjp_fn, jvp_fn
+    self._space = _ParamSpace(params)
+    self._batch_size = batch_size
+    self._store_jacobian = store_jacobian
+
+  def check(self, num_tasks, params):
+    _check_losses(self.losses, num_tasks)
+    self._space.check(params)
+
+  def param_tree(self):
+    return self._space.tree()
+
+  def jacobian(self):
+    if not self._store_jacobian:
+      raise ValueError(
+          "This method needs the explicit per-task gradients, which"
+          " task_gradients(..., store_jacobian=False) never forms; use"
+          " store_jacobian=True."
+      )
+    return _map_cotangents(self._vjp, self.num_tasks, self._batch_size, self.losses.dtype)
+
+  def weighted_update(self, weights):
+    return self._vjp(weights.astype(self.losses.dtype))
+
+  def gram_and_update(self, flags, solve):
+    if not self._store_jacobian:
+      weights, out = solve(self._streamed_gram(flags))
+      return self.weighted_update(weights), (weights, out)
+    k = self.num_tasks
+    if flags is None:
+      jac = self.jacobian()
+      m = gram_lib.gram_of_leaves(jax.tree.leaves(jac), k)
+      weights, out = solve(m)
+      return gram_lib.combine(weights, jac), (weights, out)
+    # Only the shared leaves' Jacobian is formed; XLA prunes the rest of the
+    # vmapped backward pass, and the task-specific leaves come from one
+    # weighted backward pass that never enters the shared trunk.
+    select = lambda tree: shared_lib.selected_leaves(tree, flags)
+    others = lambda tree: shared_lib.selected_leaves(tree, [not f for f in flags])
+    shared_jac = _map_cotangents(lambda c: select(self._vjp(c)), k, self._batch_size, self.losses.dtype)
+    m = gram_lib.gram_of_leaves(shared_jac, k)
+    weights, out = solve(m)
+    shared_updates = [gram_lib.combine(weights, g) for g in shared_jac]
+    other_updates = others(self.weighted_update(weights)) if not all(flags) else []
+    treedef = self._space.treedef
+    return _merge_leaves(treedef, flags, shared_updates, other_updates), (weights, out)
+
+  def _streamed_gram(self, flags):
+    """``M`` column by column: ``M e_j = J (J^T e_j)``, one VJP and one JVP each.
+
+    Only one parameter-sized vector per column in flight is live, never the
+    ``K x params`` Jacobian.
+    """
+
+    def column(cotangent):
+      g = self._vjp(cotangent)
+      if flags is not None:
+        leaves = [x if f else jnp.zeros_like(x) for x, f in zip(jax.tree.leaves(g), flags)]
+        g = jax.tree.unflatten(jax.tree.structure(g), leaves)
+      return self._jvp(g)
+
+    cols = _map_cotangents(column, self.num_tasks, self._batch_size, self.losses.dtype)
+    dtype = gram_lib.accumulation_dtype(cols.dtype)
+    cols = cols.astype(dtype)
+    return 0.5 * (cols + cols.T)
+
+
+class FeatureTaskGradients(TaskGradients):
+  """Per-task gradients with respect to a shared representation ``z``."""
+
+  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size):
+    self.losses, self.aux = losses, aux
+    self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
+    self._space = _ParamSpace(params)
+    self._batch_size = batch_size
+
+  def check(self, num_tasks, params):
+    _check_losses(self.losses, num_tasks)
+    self._space.check(params)
+
+  def param_tree(self):
+    return self._space.tree()
+
+  def jacobian(self):
+    """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
+    return _map_cotangents(
+        lambda c: self._heads_vjp(c)[1], self.num_tasks, self._batch_size, self.losses.dtype)
+
+  def gram_and_update(self, flags, solve):
+    # The Gram of the representation gradients replaces that of the shared
+    # parameters, so the shared mask has nothing to select here.
+    del flags
+    jac_z = self.jacobian()
+    weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks))
+    return self.weighted_update(weights), (weights, out)
+
+  def weighted_update(self, weights):
+    head_grads, z_cotangent = self._heads_vjp(weights.astype(self.losses.dtype))
+    (encoder_grads,) = self._encoder_vjp(z_cotangent)
+    return jax.tree.map(jnp.add, head_grads, encoder_grads)
+
+
+def _vjp_of_losses(fun, params, args, has_aux):
+  closed = lambda p: fun(p, *args)
+  if has_aux:
+    losses, vjp_fn, aux = jax.vjp(closed, params, has_aux=True)
+  else:
+    (losses, vjp_fn), aux = jax.vjp(closed, params), None
+  _check_loss_vector(losses, has_aux)
+  return losses, aux, lambda c: vjp_fn(c)[0]
+
+
+def value_and_jacobian(
+    fun: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    batch_size: int | None = None,
+) -> Callable[..., tuple[Any, PyTree]]:
+  """The task losses and the per-task gradient tree of ``fun``.
+
+  Like :func:`jax.value_and_grad` for a ``(K,)``-valued loss: one forward
+  pass, then the ``K`` backward passes of its VJP.
+
+  Args:
+    fun: ``fun(params, *args) -> losses`` with ``losses`` of shape ``(K,)``,
+      or ``(losses, aux)`` with ``has_aux=True``. Differentiated with respect
+      to ``params`` only.
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+    batch_size: ``None`` (default) vectorises the ``K`` backward passes with
+      :func:`jax.vmap` (fastest on accelerators); an int runs them with
+      :func:`jax.lax.map` that many at a time (``1``: sequentially), which
+      bounds the memory of the backward pass to ``batch_size`` copies of its
+      intermediates. Both give the same result.
+
+  Returns:
+    A function ``(params, *args) -> (value, jac)`` where ``value`` is what
+    ``fun`` returns and every leaf of ``jac`` is ``(K, *param.shape)``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_mtl
+    >>> fun = lambda p, x: jnp.stack([jnp.sum(p * x), jnp.sum(p ** 2)])
+    >>> losses, jac = optax_mtl.value_and_jacobian(fun)(jnp.array([1., 2.]), jnp.array([3., 4.]))
+    >>> jac
+    Array([[3., 4.],
+           [2., 4.]], dtype=float32)
+  """
+  _check_batch_size(batch_size)
+
+  def wrapped(params, *args):
+    losses, aux, vjp_fn = _vjp_of_losses(fun, params, args, has_aux)
+    jac = _map_cotangents(vjp_fn, losses.shape[0], batch_size, losses.dtype)
+    return ((losses, aux) if has_aux else losses), jac
+
+  return wrapped
+
+
+def task_gradients(
+    fun: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    batch_size: int | None = None,
+    store_jacobian: bool = True,
+) -> Callable[..., TaskGradients]:
+  r"""Per-task gradients that the transform evaluates only as far as it needs.
+
+  Runs the forward pass once and keeps its VJP. Given to an ``optax_mtl``
+  transform, the result costs:
+
+  - on steps where the weights are recomputed: ``K`` backward passes (the
+    Jacobian of the shared leaves only, with ``shared=``; the task-specific
+    leaves come from one weighted backward pass);
+  - on steps that reuse the last weights (``update_weights_every > 1``) and
+    for methods that ignore the Gram (linear scalarization): one backward pass
+    of :math:`\sum_i w_i L_i`.
+
+  The choice is made inside the jitted step by the transform's own state
+  (a :func:`jax.lax.cond`), so one compiled step serves both.
+
+  Args:
+    fun: ``fun(params, *args) -> losses`` (``(K,)``) or ``(losses, aux)``.
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+    batch_size: as in :func:`value_and_jacobian`.
+    store_jacobian: when ``False`` the Gram matrix is built one column at a
+      time, :math:`M e_j = J (J^\top e_j)` (one VJP and one JVP per task),
+      and the update is one more backward pass: the ``K x params`` Jacobian
+      is never stored, at about twice the compute. For models whose Jacobian
+      does not fit in memory. Methods that need the explicit per-task
+      gradients (GradDrop) reject it.
+
+  Returns:
+    A function ``(params, *args) -> TaskGradients``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_mtl
+    >>> fun = lambda p, x: jnp.stack([jnp.sum(p * x), jnp.sum(p ** 2)])
+    >>> params, x = jnp.array([1., 2.]), jnp.array([3., 4.])
+    >>> tx = optax_mtl.linear_scalarization(2)
+    >>> grads = optax_mtl.task_gradients(fun)(params, x)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates
+    Array([5., 8.], dtype=float32)
+  """
+  _check_batch_size(batch_size)
+
+  def wrapped(params, *args):
+    if store_jacobian:
+      losses, aux, vjp_fn = _vjp_of_losses(fun, params, args, has_aux)
+      jvp_fn = None
+    else:
+      closed = lambda p: fun(p, *args)
+      if has_aux:
+        losses, jvp_fn, aux = jax.linearize(closed, params, has_aux=True)
+      else:
+        (losses, jvp_fn), aux = jax.linearize(closed, params), None
+      _check_loss_vector(losses, has_aux)
+      transposed = jax.linear_transpose(jvp_fn, params)
+      vjp_fn = lambda c: transposed(c)[0]
+    return VJPTaskGradients(losses, aux, vjp_fn, jvp_fn, params, batch_size, store_jacobian)
+
+  return wrapped
+
+
+def feature_task_gradients(
+    encoder: Callable[..., PyTree],
+    heads: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    batch_size: int | None = None,
+) -> Callable[..., TaskGradients]:
+  r"""Feature-level task gradients: the Gram of :math:`\partial L_i / \partial z`.
+
+  For a model ``z = encoder(params, *args)`` followed by
+  ``losses = heads(params, z, *args)``, the transform builds the Gram matrix
+  of the representation gradients :math:`\partial L_i/\partial z` (flattened
+  together with the batch axis), computes its weights from it, and runs one
+  backward pass of :math:`\sum_i w_i L_i` through the heads and the encoder.
+  The ``K`` backward passes stop at ``z``: this is the upper-bound
+  approximation of MGDA-UB (Sener & Koltun, 2018) and Aligned-MTL-UB
+  (Senushkin et al., 2023), available to every Gram-based method. The
+  ``shared=`` mask of the transform does not enter: ``z`` is what is shared.
+
+  When ``encoder`` is the identity on the shared parameters, the result equals
+  the full per-task path with ``shared=`` set to those parameters.
+
+  Args:
+    encoder: ``encoder(params, *args) -> z`` (any pytree of arrays).
+    heads: ``heads(params, z, *args) -> losses`` (``(K,)``), or
+      ``(losses, aux)`` with ``has_aux=True``.
+    has_aux: whether ``heads`` returns ``(losses, aux)``.
+    batch_size: as in :func:`value_and_jacobian`, for the ``K`` backward
+      passes through the heads.
+
+  Returns:
+    A function ``(params, *args) -> TaskGradients``.
+
+  References:
+    Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
+
+    Senushkin et al., `Independent Component Alignment for Multi-Task Learning
+    <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
+  """
+  _check_batch_size(batch_size)
+
+  def wrapped(params, *args):
+    z, encoder_vjp = jax.vjp(lambda p: encoder(p, *args), params)
+    closed = lambda p, rep: heads(p, rep, *args)
+    if has_aux:
+      losses, heads_vjp, aux = jax.vjp(closed, params, z, has_aux=True)
+    else:
+      (losses, heads_vjp), aux = jax.vjp(closed, params, z), None
+    _check_loss_vector(losses, has_aux)
+    return FeatureTaskGradients(losses, aux, encoder_vjp, heads_vjp, params, batch_size)
+
+  return wrapped

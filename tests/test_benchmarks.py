@@ -1,0 +1,30 @@
+"""Smoke tests of the benchmark scripts at tiny sizes (no timing thresholds)."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses (flax structs) look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gradient_paths_writes_json(tmp_path):
+  out = tmp_path / "gradient_paths.json"
+  load("gradient_paths").main(["--tiny", "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert result["environment"]["platform"] == "cpu"
+  assert {"jax", "optax", "device_kind", "optax_mtl"} <= set(result["environment"])
+  expected = {"ls", "jacobian", "jacobian_chunked", "lazy_refresh", "streamed_gram", "cached", "feature_level"}
+  assert set(result["results"]) == expected
+  assert result["results"]["ls"]["ratio_to_ls"] == 1.0
+  for entry in result["results"].values():
+    assert entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
+  assert result["sizes"]["num_tasks"] == 3

@@ -1,0 +1,207 @@
+"""Gradient paths (optax_mtl._src.task_gradients)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_mtl
+import problems
+
+K = problems.NUM_TASKS
+
+
+def inverse_norm(gram):
+  return 1.0 / jnp.sqrt(jnp.diag(gram))
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+@functools.lru_cache(maxsize=None)
+def setup(seed=1):
+  params = problems.init_params()
+  x, y = problems.make_batch(seed=seed)
+  return params, x, y
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 2, 3])
+def test_value_and_jacobian_equals_jacrev(batch_size):
+  params, x, y = setup()
+  losses, jac = jax.jit(optax_mtl.value_and_jacobian(problems.task_losses, batch_size=batch_size))(params, x, y)
+  assert_trees_close(jac, jax.jacrev(problems.task_losses)(params, x, y), rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(losses, problems.task_losses(params, x, y), rtol=1e-6)
+  optax_mtl.check_task_gradients(jac, K, params)
+
+
+def test_vectorised_and_chunked_jacobians_agree():
+  params, x, y = setup()
+  full = optax_mtl.value_and_jacobian(problems.task_losses)
+  chunked = optax_mtl.value_and_jacobian(problems.task_losses, batch_size=2)
+  assert_trees_close(jax.jit(full)(params, x, y), jax.jit(chunked)(params, x, y), rtol=1e-6, atol=1e-7)
+
+
+def test_has_aux():
+  params, x, y = setup()
+
+  def fun(params, x, y):
+    losses = problems.task_losses(params, x, y)
+    return losses, {"total": jnp.sum(losses)}
+
+  (losses, aux), jac = optax_mtl.value_and_jacobian(fun, has_aux=True)(params, x, y)
+  np.testing.assert_allclose(aux["total"], jnp.sum(losses), rtol=1e-6)
+  grads = optax_mtl.task_gradients(fun, has_aux=True)(params, x, y)
+  np.testing.assert_allclose(grads.aux["total"], aux["total"], rtol=1e-6)
+  streamed = optax_mtl.task_gradients(fun, has_aux=True, store_jacobian=False)(params, x, y)
+  np.testing.assert_allclose(streamed.aux["total"], aux["total"], rtol=1e-6)
+  assert_trees_close(grads.jacobian(), jac)
+
+
+@pytest.mark.parametrize("shared", [None, problems.is_shared], ids=["all-shared", "heads"])
+@pytest.mark.parametrize("store_jacobian", [True, False], ids=["jacobian", "streamed"])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_lazy_gradients_equal_the_explicit_tree(shared, store_jacobian, batch_size):
+  params, x, y = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, shared=shared)
+  losses, jac = optax_mtl.value_and_jacobian(problems.task_losses)(params, x, y)
+  expected, expected_state = tx.update(jac, tx.init(params), params, task_losses=losses)
+
+  @jax.jit
+  def lazy_step(params, x, y):
+    grads = optax_mtl.task_gradients(
+        problems.task_losses, batch_size=batch_size, store_jacobian=store_jacobian)(params, x, y)
+    return tx.update(grads, tx.init(params), params)
+
+  updates, state = lazy_step(params, x, y)
+  assert_trees_close(updates, expected)
+  np.testing.assert_allclose(state.weights, expected_state.weights, rtol=2e-5)
+
+
+def test_lazy_gradients_with_a_method_that_ignores_the_gram_take_one_backward_pass():
+  params, x, y = setup()
+  tx = optax_mtl.linear_scalarization(K, jnp.array([0.5, 1.0, 2.0]))
+  grads = optax_mtl.task_gradients(problems.task_losses)(params, x, y)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = jax.grad(lambda p: jnp.dot(jnp.array([0.5, 1.0, 2.0]), problems.task_losses(p, x, y)))(params)
+  assert_trees_close(updates, expected)
+  # Structural check of "one backward pass": same FLOPs as the plain gradient.
+  lazy = jax.jit(lambda p: tx.update(optax_mtl.task_gradients(problems.task_losses)(p, x, y), tx.init(p), p)[0])
+  plain = jax.jit(jax.grad(lambda p: jnp.sum(problems.task_losses(p, x, y))))
+  flops = lambda f: f.lower(params).compile().cost_analysis()["flops"]
+  assert flops(lazy) < 1.2 * flops(plain)
+
+
+def test_cached_weights_in_one_jitted_step_equal_the_full_path():
+  """update_weights_every=3: K backward passes on refresh steps, one in between."""
+  params, x, y = setup()
+  every = 3
+  lazy_tx = optax.chain(optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=every), optax.sgd(0.05))
+  full_tx = optax.chain(optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=every), optax.sgd(0.05))
+
+  @jax.jit
+  def lazy_step(params, state, x, y):
+    grads = optax_mtl.task_gradients(problems.task_losses)(params, x, y)
+    updates, state = lazy_tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  @jax.jit
+  def full_step(params, state, x, y):
+    losses, jac = optax_mtl.value_and_jacobian(problems.task_losses)(params, x, y)
+    updates, state = full_tx.update(jac, state, params, task_losses=losses)
+    return optax.apply_updates(params, updates), state
+
+  lazy_params, lazy_state = params, lazy_tx.init(params)
+  full_params, full_state = params, full_tx.init(params)
+  for t in range(7):
+    x, y = problems.make_batch(seed=20 + t)
+    lazy_params, lazy_state = lazy_step(lazy_params, lazy_state, x, y)
+    full_params, full_state = full_step(full_params, full_state, x, y)
+    assert_trees_close(lazy_params, full_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lazy_state[0].weights, full_state[0].weights, rtol=1e-5)
+  assert lazy_step._cache_size() == 1
+  # The cached branch is the weighted backward pass: its FLOPs are about 1/K of the refresh.
+  grads_at = lambda p: optax_mtl.task_gradients(problems.task_losses)(p, x, y)
+  w = jnp.ones(K)
+  cached = jax.jit(lambda p: grads_at(p).weighted_update(w))
+  refresh = jax.jit(lambda p: grads_at(p).gram_and_update(None, lambda m: (inverse_norm(m), ()))[0])
+  flops = lambda f: f.lower(params).compile().cost_analysis()["flops"]
+  assert flops(cached) * 1.5 < flops(refresh)
+
+
+def encoder(params, x, y):
+  del y
+  trunk = params["trunk"]
+  return jnp.tanh(x @ trunk["w"] + trunk["b"][None, :])
+
+
+def heads(params, z, x, y):
+  del x
+  preds = jnp.stack([z @ params["heads"][f"task{i}"] for i in range(K)], axis=-1)
+  return jnp.mean((preds - y) ** 2, axis=0)
+
+
+def test_feature_level_update_is_the_weighted_gradient_of_the_representation_gram():
+  params, x, y = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm)
+  grads_fn = optax_mtl.feature_task_gradients(encoder, heads)
+  updates, state = jax.jit(lambda p: tx.update(grads_fn(p, x, y), tx.init(p), p))(params)
+  grads = grads_fn(params, x, y)
+  z = encoder(params, x, y)
+  jac_z = jax.jacrev(lambda rep: heads(params, rep, x, y))(z)  # (K, batch, hidden)
+  w = inverse_norm(optax_mtl.gram({"z": jac_z}))
+  np.testing.assert_allclose(state.weights, w, rtol=1e-5)
+  expected = jax.grad(lambda p: jnp.dot(w, problems.task_losses(p, x, y)))(params)
+  assert_trees_close(updates, expected)
+  assert grads.jacobian().shape == (K, *z.shape)
+
+
+def test_feature_level_with_identity_encoder_equals_the_full_path():
+  params, x, y = setup()
+  identity = lambda params, x, y: params["trunk"]
+
+  def heads_of_trunk(params, trunk, x, y):
+    return problems.task_losses(dict(params, trunk=trunk), x, y)
+
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, shared=problems.is_shared)
+  grads = optax_mtl.feature_task_gradients(identity, heads_of_trunk)(params, x, y)
+  updates, state = tx.update(grads, tx.init(params), params)
+  losses, jac = optax_mtl.value_and_jacobian(problems.task_losses)(params, x, y)
+  expected, expected_state = tx.update(jac, tx.init(params), params, task_losses=losses)
+  assert_trees_close(updates, expected)
+  np.testing.assert_allclose(state.weights, expected_state.weights, rtol=1e-5)
+
+
+def test_feature_level_cached_weights():
+  params, x, y = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=2)
+  step = jax.jit(lambda p, s, x, y: tx.update(optax_mtl.feature_task_gradients(encoder, heads)(p, x, y), s, p))
+  state = tx.init(params)
+  _, state = step(params, state, x, y)
+  x2, y2 = problems.make_batch(seed=7)
+  updates, state2 = step(params, state, x2, y2)
+  np.testing.assert_array_equal(state2.weights, state.weights)
+  expected = jax.grad(lambda p: jnp.dot(state.weights, problems.task_losses(p, x2, y2)))(params)
+  assert_trees_close(updates, expected)
+
+
+def test_errors():
+  params, x, y = setup()
+  tx = optax_mtl.weighted_aggregation(4, inverse_norm)
+  grads = optax_mtl.task_gradients(problems.task_losses)(params, x, y)
+  with pytest.raises(ValueError, match=r"losses of shape \(3,\); expected \(4,\)"):
+    tx.update(grads, tx.init(params), params)
+  tx3 = optax_mtl.weighted_aggregation(K, inverse_norm)
+  with pytest.raises(ValueError, match="structure of the params"):
+    tx3.update(grads, tx3.init({"a": jnp.zeros(2)}), {"a": jnp.zeros(2)})
+  with pytest.raises(ValueError, match="store_jacobian=True"):
+    optax_mtl.task_gradients(problems.task_losses, store_jacobian=False)(params, x, y).jacobian()
+  with pytest.raises(ValueError, match="batch_size"):
+    optax_mtl.value_and_jacobian(problems.task_losses, batch_size=0)
+  with pytest.raises(ValueError, match=r"\(K,\) vector of task losses"):
+    optax_mtl.value_and_jacobian(lambda p, x, y: jnp.sum(problems.task_losses(p, x, y)))(params, x, y)
