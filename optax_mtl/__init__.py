@@ -18,6 +18,9 @@ from optax_mtl._src.gram import gram
 from optax_mtl._src.guard import apply_updates
 from optax_mtl._src.guard import checked
 from optax_mtl._src.linear_scalarization import linear_scalarization
+from optax_mtl._src.nash import NashInfo
+from optax_mtl._src.nash import NashState
+from optax_mtl._src.nash import nash_mtl
 from optax_mtl._src.task_gradients import TaskGradients
 from optax_mtl._src.task_gradients import feature_task_gradients
 from optax_mtl._src.task_gradients import task_gradients
@@ -27,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AggregationState",
+    "NashInfo",
+    "NashState",
     "TaskGradients",
     "Weighting",
     "apply_updates",
@@ -37,6 +42,7 @@ __all__ = [
     "feature_task_gradients",
     "gram",
     "linear_scalarization",
+    "nash_mtl",
     "task_gradients",
     "value_and_jacobian",
     "weighted_aggregation",

@@ -7,5 +7,6 @@ transform of the same family in :mod:`optax_mtl`.
 
 from optax_mtl._src.aggregation import Weighting
 from optax_mtl._src.aggregation import stateless
+from optax_mtl._src.nash import nash
 
-__all__ = ["Weighting", "stateless"]
+__all__ = ["Weighting", "nash", "stateless"]

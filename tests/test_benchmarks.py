@@ -28,3 +28,15 @@ def test_gradient_paths_writes_json(tmp_path):
   for entry in result["results"].values():
     assert entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
   assert result["sizes"]["num_tasks"] == 3
+
+
+def test_nash_solvers_writes_json_and_plot(tmp_path):
+  out = tmp_path / "nash_solvers.json"
+  load("nash_solvers").main(["--tiny", "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert {row["K"] for row in result["rows"]} == {2, 3}
+  for row in result["rows"]:
+    assert {"newton", "ccp", "jaxopt"} <= set(row["solvers"])
+    assert row["solvers"]["newton"]["relative_residual"] < 1e-5
+    assert row["solvers"]["newton"]["median_ms"] > 0
+  assert out.with_suffix(".png").exists()

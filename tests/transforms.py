@@ -32,4 +32,8 @@ CASES = [
          injectable={"weights": (np.array([1.0, 2.0, 0.5]), np.array([0.1, 1.0, 3.0]))}),
     Case("linear_scalarization_mean", optax_mtl.linear_scalarization,
          kwargs={"reduction": "mean"}),
+    Case("nash_mtl", optax_mtl.nash_mtl, injectable={"max_norm": (1.0, 0.3)}),
+    Case("nash_mtl_every2_unweighted", optax_mtl.nash_mtl,
+         kwargs={"update_weights_every": 2, "task_specific": "unweighted", "max_norm": 0.0},
+         injectable={"update_weights_every": (2, 1)}),
 ]

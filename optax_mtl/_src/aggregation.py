@@ -89,6 +89,8 @@ def weighted_aggregation(
     shared: shared_lib.SharedMask = None,
     update_weights_every: int | jax.Array = 1,
     initial_weights: jax.Array | None = None,
+    task_specific_weights: jax.Array | None = None,
+    postprocess: Callable[[PyTree, list[bool] | None], PyTree] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns a Gram weighting into a multi-task gradient transformation.
 
@@ -101,8 +103,9 @@ def weighted_aggregation(
     w = \mathrm{weighting}(M), \qquad
     d^{(\ell)} = \sum_i w_i\, g_i^{(\ell)} \text{ for every leaf.}
 
-  Task-specific leaves (``shared`` false) receive their ``w``-weighted
-  gradients too; they only stay out of ``M``.
+  Task-specific leaves (``shared`` false) stay out of ``M`` and receive their
+  ``w``-weighted gradients, or ``task_specific_weights``-weighted ones when
+  given.
 
   Args:
     num_tasks: the number of tasks ``K`` (static: it fixes the state shapes).
@@ -114,6 +117,11 @@ def weighted_aggregation(
       The Gram and the weighting are skipped on the steps in between.
     initial_weights: ``(K,)`` weights held in the state before the first
       update (default ones).
+    task_specific_weights: ``(K,)`` weights for the task-specific leaves
+      instead of ``w`` (e.g. ones: every head gets its plain gradient).
+    postprocess: ``(updates, shared_flags) -> updates`` applied after
+      combining, e.g. clipping the shared part (``shared_flags`` holds one
+      bool per leaf, ``None`` when every leaf is shared).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -171,14 +179,15 @@ def weighted_aggregation(
     def refresh(weighting_state):
       if weighting.needs_gram:
         new_updates, (weights, weighting_state) = grads.gram_and_update(
-            flags, lambda m: solve(m, weighting_state))
+            flags, lambda m: solve(m, weighting_state), task_specific_weights)
       else:
         weights, weighting_state = solve(None, weighting_state)
-        new_updates = grads.weighted_update(weights)
+        new_updates = grads.weighted_update(weights, flags, task_specific_weights)
       return new_updates, weights, weighting_state
 
     def reuse(weighting_state):
-      return grads.weighted_update(state.weights), state.weights, weighting_state
+      new_updates = grads.weighted_update(state.weights, flags, task_specific_weights)
+      return new_updates, state.weights, weighting_state
 
     if static_every == 1:
       new_updates, weights, weighting_state = refresh(state.weighting_state)
@@ -186,6 +195,8 @@ def weighted_aggregation(
       due = state.count % update_weights_every == 0
       new_updates, weights, weighting_state = lax.cond(due, refresh, reuse, state.weighting_state)
 
+    if postprocess is not None:
+      new_updates = postprocess(new_updates, flags)
     return new_updates, AggregationState(
         count=optax.safe_increment(state.count),
         weights=weights,

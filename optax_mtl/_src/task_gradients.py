@@ -58,7 +58,11 @@ def _check_loss_vector(losses, has_aux: bool) -> None:
     )
 
 
-def _merge_leaves(treedef, flags: list[bool], shared_leaves: list, other_leaves: list) -> PyTree:
+def _select(tree: PyTree, flags: list[bool], keep: bool) -> list:
+  return [leaf for leaf, f in zip(jax.tree.leaves(tree), flags, strict=True) if f == keep]
+
+
+def _merge(treedef, flags: list[bool], shared_leaves: list, other_leaves: list) -> PyTree:
   shared_iter, other_iter = iter(shared_leaves), iter(other_leaves)
   return treedef.unflatten([next(shared_iter) if f else next(other_iter) for f in flags])
 
@@ -72,6 +76,11 @@ class TaskGradients(abc.ABC):
   object). An instance holds the closures of one forward pass: create and
   consume it inside the same traced step function (it is not a pytree and
   does not cross a ``jax.jit`` boundary).
+
+  In the methods below, ``flags`` holds one bool per parameter leaf (true for
+  shared leaves, ``None``: all shared) and ``other_weights``, when given, are
+  the weights applied to the task-specific (non-shared) leaves instead of
+  ``w``.
 
   Attributes:
     losses: the ``(K,)`` task losses of the forward pass.
@@ -99,16 +108,28 @@ class TaskGradients(abc.ABC):
     """The explicit per-task gradients, every leaf ``(K, ...)``."""
 
   @abc.abstractmethod
-  def gram_and_update(self, flags: list[bool] | None, solve: Solve) -> tuple[PyTree, Any]:
-    """Builds the Gram ``M`` of the shared part, ``w, out = solve(M)``, and ``J^T w``.
+  def full_update(self, weights: jax.Array) -> PyTree:
+    """``J^T w`` on every leaf: with a lazy object, one backward pass of ``sum_i w_i L_i``."""
+
+  @abc.abstractmethod
+  def gram_and_update(
+      self, flags: list[bool] | None, solve: Solve, other_weights: jax.Array | None = None
+  ) -> tuple[PyTree, Any]:
+    """Builds the Gram ``M`` of the shared part, ``w, out = solve(M)``, and the update.
 
     Returns:
       ``(updates, (w, out))``.
     """
 
-  @abc.abstractmethod
-  def weighted_update(self, weights: jax.Array) -> PyTree:
-    """``J^T w``: with a lazy object, one backward pass of ``sum_i w_i L_i``."""
+  def weighted_update(
+      self, weights: jax.Array, flags: list[bool] | None = None, other_weights: jax.Array | None = None
+  ) -> PyTree:
+    """``J^T w`` (``J^T other_weights`` on the task-specific leaves)."""
+    full = self.full_update(weights)
+    if flags is None or other_weights is None or all(flags):
+      return full
+    other = self.full_update(other_weights)
+    return _merge(jax.tree.structure(full), flags, _select(full, flags, True), _select(other, flags, False))
 
 
 class JacobianTree(TaskGradients):
@@ -132,13 +153,22 @@ class JacobianTree(TaskGradients):
   def jacobian(self):
     return self.jac
 
-  def gram_and_update(self, flags, solve):
+  def full_update(self, weights):
+    return gram_lib.combine(weights, self.jac)
+
+  def weighted_update(self, weights, flags=None, other_weights=None):
+    if flags is None or other_weights is None:
+      return gram_lib.combine(weights, self.jac)
+    leaves = [
+        gram_lib.combine(weights if f else other_weights, leaf)
+        for leaf, f in zip(jax.tree.leaves(self.jac), flags, strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(self.jac), leaves)
+
+  def gram_and_update(self, flags, solve, other_weights=None):
     m = gram_lib.gram_of_leaves(shared_lib.selected_leaves(self.jac, flags), self.num_tasks)
     weights, out = solve(m)
-    return gram_lib.combine(weights, self.jac), (weights, out)
-
-  def weighted_update(self, weights):
-    return gram_lib.combine(weights, self.jac)
+    return self.weighted_update(weights, flags, other_weights), (weights, out)
 
 
 def as_task_gradients(updates: PyTree | TaskGradients) -> TaskGradients:
@@ -182,15 +212,13 @@ def _check_losses(losses: jax.Array, num_tasks: int) -> None:
     )
 
 
-class VJPTaskGradients(TaskGradients):
-  """Per-task gradients kept as the VJP of one forward pass."""
+class _LazyTaskGradients(TaskGradients):
+  """Common part of the lazy kinds: losses, parameter space, batching of cotangents."""
 
-  def __init__(self, losses, aux, vjp_fn, jvp_fn, params, batch_size, store_jacobian):
+  def __init__(self, losses, aux, params, batch_size):
     self.losses, self.aux = losses, aux
-    self._vjp, self._jvp = vjp_fn, jvp_fn
     self._space = _ParamSpace(params)
     self._batch_size = batch_size
-    self._store_jacobian = store_jacobian
 
   def check(self, num_tasks, params):
     _check_losses(self.losses, num_tasks)
@@ -199,6 +227,18 @@ class VJPTaskGradients(TaskGradients):
   def param_tree(self):
     return self._space.tree()
 
+  def _map_cotangents(self, fn):
+    return _map_cotangents(fn, self.num_tasks, self._batch_size, self.losses.dtype)
+
+
+class VJPTaskGradients(_LazyTaskGradients):
+  """Per-task gradients kept as the VJP of one forward pass."""
+
+  def __init__(self, losses, aux, vjp_fn, jvp_fn, params, batch_size, store_jacobian):
+    super().__init__(losses, aux, params, batch_size)
+    self._vjp, self._jvp = vjp_fn, jvp_fn
+    self._store_jacobian = store_jacobian
+
   def jacobian(self):
     if not self._store_jacobian:
       raise ValueError(
@@ -206,33 +246,31 @@ class VJPTaskGradients(TaskGradients):
           " task_gradients(..., store_jacobian=False) never forms; use"
           " store_jacobian=True."
       )
-    return _map_cotangents(self._vjp, self.num_tasks, self._batch_size, self.losses.dtype)
+    return self._map_cotangents(self._vjp)
 
-  def weighted_update(self, weights):
+  def full_update(self, weights):
     return self._vjp(weights.astype(self.losses.dtype))
 
-  def gram_and_update(self, flags, solve):
+  def gram_and_update(self, flags, solve, other_weights=None):
     if not self._store_jacobian:
       weights, out = solve(self._streamed_gram(flags))
-      return self.weighted_update(weights), (weights, out)
+      return self.weighted_update(weights, flags, other_weights), (weights, out)
     k = self.num_tasks
     if flags is None:
       jac = self.jacobian()
-      m = gram_lib.gram_of_leaves(jax.tree.leaves(jac), k)
-      weights, out = solve(m)
+      weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac), k))
       return gram_lib.combine(weights, jac), (weights, out)
     # Only the shared leaves' Jacobian is formed; XLA prunes the rest of the
     # vmapped backward pass, and the task-specific leaves come from one
     # weighted backward pass that never enters the shared trunk.
-    select = lambda tree: shared_lib.selected_leaves(tree, flags)
-    others = lambda tree: shared_lib.selected_leaves(tree, [not f for f in flags])
-    shared_jac = _map_cotangents(lambda c: select(self._vjp(c)), k, self._batch_size, self.losses.dtype)
-    m = gram_lib.gram_of_leaves(shared_jac, k)
-    weights, out = solve(m)
+    shared_jac = self._map_cotangents(lambda c: _select(self._vjp(c), flags, True))
+    weights, out = solve(gram_lib.gram_of_leaves(shared_jac, k))
     shared_updates = [gram_lib.combine(weights, g) for g in shared_jac]
-    other_updates = others(self.weighted_update(weights)) if not all(flags) else []
-    treedef = self._space.treedef
-    return _merge_leaves(treedef, flags, shared_updates, other_updates), (weights, out)
+    other_updates = []
+    if not all(flags):
+      other = weights if other_weights is None else other_weights
+      other_updates = _select(self.full_update(other), flags, False)
+    return _merge(self._space.treedef, flags, shared_updates, other_updates), (weights, out)
 
   def _streamed_gram(self, flags):
     """``M`` column by column: ``M e_j = J (J^T e_j)``, one VJP and one JVP each.
@@ -248,42 +286,30 @@ class VJPTaskGradients(TaskGradients):
         g = jax.tree.unflatten(jax.tree.structure(g), leaves)
       return self._jvp(g)
 
-    cols = _map_cotangents(column, self.num_tasks, self._batch_size, self.losses.dtype)
-    dtype = gram_lib.accumulation_dtype(cols.dtype)
-    cols = cols.astype(dtype)
+    cols = self._map_cotangents(column)
+    cols = cols.astype(gram_lib.accumulation_dtype(cols.dtype))
     return 0.5 * (cols + cols.T)
 
 
-class FeatureTaskGradients(TaskGradients):
+class FeatureTaskGradients(_LazyTaskGradients):
   """Per-task gradients with respect to a shared representation ``z``."""
 
   def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size):
-    self.losses, self.aux = losses, aux
+    super().__init__(losses, aux, params, batch_size)
     self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
-    self._space = _ParamSpace(params)
-    self._batch_size = batch_size
-
-  def check(self, num_tasks, params):
-    _check_losses(self.losses, num_tasks)
-    self._space.check(params)
-
-  def param_tree(self):
-    return self._space.tree()
 
   def jacobian(self):
     """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
-    return _map_cotangents(
-        lambda c: self._heads_vjp(c)[1], self.num_tasks, self._batch_size, self.losses.dtype)
+    return self._map_cotangents(lambda c: self._heads_vjp(c)[1])
 
-  def gram_and_update(self, flags, solve):
+  def gram_and_update(self, flags, solve, other_weights=None):
     # The Gram of the representation gradients replaces that of the shared
-    # parameters, so the shared mask has nothing to select here.
-    del flags
+    # parameters; the shared mask only tells which leaves take other_weights.
     jac_z = self.jacobian()
     weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks))
-    return self.weighted_update(weights), (weights, out)
+    return self.weighted_update(weights, flags, other_weights), (weights, out)
 
-  def weighted_update(self, weights):
+  def full_update(self, weights):
     head_grads, z_cotangent = self._heads_vjp(weights.astype(self.losses.dtype))
     (encoder_grads,) = self._encoder_vjp(z_cotangent)
     return jax.tree.map(jnp.add, head_grads, encoder_grads)
