@@ -1,19 +1,12 @@
 """Smoke tests of the benchmark scripts at tiny sizes (no timing thresholds)."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import scripts
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses (flax structs) look their module up
-  spec.loader.exec_module(module)
-  return module
+  return scripts.load("benchmarks", name)
 
 
 def test_gradient_paths_writes_json(tmp_path):

@@ -1,7 +1,5 @@
 """The integration examples run, with tiny step counts (examples/)."""
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
@@ -11,16 +9,13 @@ import numpy as np
 import optax
 
 import optax_mtl
+import scripts
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = scripts.ROOT
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(f"examples_{name}", ROOT / "examples" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses (flax structs) look their module up
-  spec.loader.exec_module(module)
-  return module
+  return scripts.load("examples", name)
 
 
 def test_demo_runs_as_a_script():
