@@ -30,6 +30,8 @@ PARETO_X1 = (-7.0, 7.0)
 METHODS = {
     "nash_mtl": lambda: optax_mtl.nash_mtl(2),
     "linear_scalarization": lambda: optax_mtl.linear_scalarization(2),
+    "mgda": lambda: optax_mtl.mgda(2),
+    "aligned_mtl": lambda: optax_mtl.aligned_mtl(2),
 }
 
 

@@ -105,3 +105,66 @@ def test_initial_weights_and_validation():
     optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=0)
   with pytest.raises(ValueError, match=r"initial_weights must have shape \(3,\)"):
     optax_mtl.weighted_aggregation(K, inverse_norm, initial_weights=jnp.ones(2)).init(params)
+
+
+@pytest.mark.parametrize("bad", ["nan_gradient", "inf_gradient", "nan_loss", "overflow"])
+def test_nonfinite_input_is_skipped_and_counted(bad):
+  params, jac, losses = setup()
+  if bad == "nan_gradient":
+    jac = dict(jac, trunk=dict(jac["trunk"], w=jac["trunk"]["w"].at[1, 0, 0].set(jnp.nan)))
+  elif bad == "inf_gradient":
+    jac = dict(jac, trunk=dict(jac["trunk"], b=jac["trunk"]["b"].at[0, 3].set(jnp.inf)))
+  elif bad == "nan_loss":
+    losses = losses.at[2].set(jnp.nan)
+  else:  # squared norms beyond float32's range: the Gram overflows
+    jac = jax.tree.map(lambda g: g * 1e25, jac)
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, initial_weights=jnp.array([1.0, 2.0, 3.0]))
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(jac, state, params, task_losses=losses)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0.0)
+  np.testing.assert_array_equal(new_state.weights, state.weights)
+  assert int(new_state.count) == 0 and int(new_state.nonfinite_count) == 1
+  # A finite step afterwards proceeds normally.
+  _, good_jac = problems.per_task_gradients(params, *problems.make_batch())
+  _, after = tx.update(good_jac, new_state, params)
+  assert int(after.count) == 1 and int(after.nonfinite_count) == 1
+
+
+def test_nonfinite_propagate_lets_apply_if_finite_skip_the_optimizer():
+  params, jac, losses = setup()
+  jac = dict(jac, heads=dict(jac["heads"], task0=jac["heads"]["task0"] * jnp.nan))
+  tx = optax.chain(optax_mtl.weighted_aggregation(K, inverse_norm, nonfinite="propagate"),
+                   optax.apply_if_finite(optax.adam(1e-2), max_consecutive_errors=5))
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(jac, state, params)
+  for u in jax.tree.leaves(updates):
+    np.testing.assert_array_equal(u, 0.0)
+  aggregation_state, guarded = new_state
+  assert int(aggregation_state.nonfinite_count) == 1 and int(aggregation_state.count) == 0
+  np.testing.assert_array_equal(aggregation_state.weights, state[0].weights)
+  assert int(guarded.notfinite_count) == 1
+  # Adam's moments are untouched.
+  for a, b in zip(jax.tree.leaves(guarded.inner_state), jax.tree.leaves(state[1].inner_state)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="nonfinite"):
+    optax_mtl.weighted_aggregation(K, inverse_norm, nonfinite="ignore")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, np.float32(3.0)])
+def test_update_weights_every_must_be_a_positive_integer(bad):
+  with pytest.raises((TypeError, ValueError), match="update_weights_every"):
+    optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=bad)
+  assert optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=np.int64(3))
+
+
+def test_task_specific_weights_as_a_function_of_w():
+  params, jac, _ = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, shared=problems.is_shared,
+                                      task_specific_weights=lambda w: 2.0 * w)
+  updates, state = tx.update(jac, tx.init(params), params)
+  np.testing.assert_allclose(updates["heads"]["task1"], 2 * state.weights[1] * jac["heads"]["task1"][1], rtol=1e-6)
+  constant = optax_mtl.weighted_aggregation(K, inverse_norm, shared=problems.is_shared,
+                                            task_specific_weights=jnp.ones(K))
+  updates, _ = constant.update(jac, constant.init(params), params)
+  np.testing.assert_allclose(updates["heads"]["task0"], jac["heads"]["task0"][0], rtol=1e-6)

@@ -238,3 +238,15 @@ def test_lazy_task_gradients_equal_the_explicit_tree(case):
   updates, state = lazy(params)
   assert_trees_close(updates, expected, rtol=2e-5)
   assert_trees_close(state, expected_state, rtol=2e-5)
+
+
+def test_nonfinite_gradients_are_skipped_and_counted(case):
+  params, jac, losses = problem()
+  tx = make(case)
+  state = tx.init(params)
+  poisoned = dict(jac, trunk=dict(jac["trunk"], w=jac["trunk"]["w"].at[0, 1, 1].set(jnp.nan)))
+  updates, new_state = jax.jit(tx.update)(poisoned, state, params, task_losses=losses)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  assert int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
+  assert_same_types(new_state, state)
+  assert_trees_close(new_state.weighting_state, state.weighting_state, rtol=0, atol=0)

@@ -96,11 +96,13 @@ def test_toy_pareto_front_curve_matches_the_papers_value():
   np.testing.assert_allclose(example.pareto_front(jnp.array([0.0]))[0], -8.3552, atol=1e-3)
 
 
-def test_toy_nash_mtl_reaches_the_pareto_front_from_all_five_starts():
+def test_toy_nash_mtl_and_mgda_reach_the_pareto_front_from_all_five_starts():
   example = load("toy_pareto")
   nash = example.trajectories(example.METHODS["nash_mtl"], steps=35_000)
   assert nash.shape == (5, 351, 2)
   assert example.on_pareto_front(nash[:, -1]).all()
+  mgda = example.trajectories(example.METHODS["mgda"], steps=35_000)
+  assert example.on_pareto_front(mgda[:, -1]).all()
   # Linear scalarization falls into the log valley of f2 from (9, 9), as in the paper.
   ls = example.trajectories(example.METHODS["linear_scalarization"], steps=35_000)
   assert not example.on_pareto_front(ls[:, -1]).all()

@@ -97,6 +97,22 @@ def test_combine_matches_weighted_sum(case):
     np.testing.assert_allclose(u, v[0], atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("k", [3, 17, 40])
+def test_combine_small_and_large_k_paths(k):
+  """Unrolled for K <= 16, a dot_general beyond; both float32 accurate, also on bf16 leaves."""
+  rng = np.random.default_rng(k)
+  tree = {"a": rng.normal(size=(k, 5, 3)).astype(np.float32), "b": rng.normal(size=(k, 4))}
+  w = rng.normal(size=k).astype(np.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    leaves = jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
+    out = jax.jit(optax_mtl.combine)(jnp.asarray(w), leaves)
+    for name, leaf in leaves.items():
+      exact = np.tensordot(w.astype(np.float64), np.asarray(leaf, np.float64), axes=1)
+      assert out[name].dtype == dtype
+      tol = 1e-5 if dtype == jnp.float32 else 1e-2
+      np.testing.assert_allclose(np.asarray(out[name], np.float64), exact, rtol=tol, atol=tol * np.abs(exact).max())
+
+
 def test_combine_keeps_leaf_dtype():
   tree = {"a": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.ones((2,), jnp.float16), "c": jnp.ones((2, 1), jnp.float32)}
   out = optax_mtl.combine(jnp.array([1.0, 2.0]), tree)

@@ -53,7 +53,6 @@ def test_matches_the_official_weights_where_the_official_ccp_converged(case, sol
   # Measured: newton <= 5.7e-6, ccp <= 9.0e-6; the official
   # run itself is accurate to its relative residual (<= 9e-7 here).
   np.testing.assert_allclose(a, official, rtol=5e-5)
-  np.testing.assert_array_equal(reference.get(case, "tjd_nashmtl_alpha"), official)
 
 
 @pytest.mark.parametrize("case", SOLVABLE[::10], ids=reference.case_id)
@@ -178,7 +177,9 @@ def test_near_pareto_stationary_is_solved_or_zero_never_nan():
       assert float(info.residual) <= 1e-3 and np.all((g @ g.T) @ a > 0)
     else:
       np.testing.assert_array_equal(a, 0.0)
-  assert verdicts == [True, True, False, False, False, False]
+  # Solvable far from stationarity, not at it, and never solvable again once lost.
+  assert verdicts[0] and not verdicts[-1]
+  assert verdicts == sorted(verdicts, reverse=True)
 
 
 def test_solver_validation():
@@ -253,3 +254,26 @@ def test_alternative_solvers_in_the_transform(solver):
   expected, expected_state = reference_tx.update(jac, reference_tx.init(params), params)
   np.testing.assert_allclose(state.weights, expected_state.weights, rtol=2e-3)
   assert bool(state.weighting_state.info.solvable)
+
+
+def test_zero_initialised_heads_still_train():
+  """Zero heads make every shared gradient zero, so a = 0; the heads keep their plain gradients."""
+  params = problems.init_params()
+  params = dict(params, heads=jax.tree.map(jnp.zeros_like, params["heads"]))
+  x, y = problems.make_batch()
+  tx = optax.chain(optax_mtl.nash_mtl(problems.NUM_TASKS, shared=problems.is_shared), optax.adam(1e-2))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    losses, jac = optax_mtl.value_and_jacobian(problems.task_losses)(params, x, y)
+    updates, state = tx.update(jac, state, params, task_losses=losses)
+    return optax.apply_updates(params, updates), state, losses
+
+  params, state, first = step(params, state)
+  np.testing.assert_array_equal(state[0].weights, 0.0)
+  assert all(float(jnp.abs(h).max()) > 0 for h in jax.tree.leaves(params["heads"]))
+  for _ in range(30):
+    params, state, losses = step(params, state)
+  assert float(jnp.sum(losses)) < 0.9 * float(jnp.sum(first))
+  assert np.all(np.asarray(state[0].weights) > 0)

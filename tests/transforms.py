@@ -36,4 +36,13 @@ CASES = [
     Case("nash_mtl_every2_unweighted", optax_mtl.nash_mtl,
          kwargs={"update_weights_every": 2, "task_specific": "unweighted", "max_norm": 0.0},
          injectable={"update_weights_every": (2, 1)}),
+    Case("mgda", optax_mtl.mgda),
+    Case("mgda_l2_fw_sum_k", optax_mtl.mgda,
+         kwargs={"normalization": "l2", "solver": "fw", "weights_sum": "num_tasks"},
+         injectable={"max_iter": (250, 3)}),
+    Case("mgda_loss_plus_pgd", optax_mtl.mgda, kwargs={"normalization": "loss+", "solver": "pgd"}),
+    Case("aligned_mtl", optax_mtl.aligned_mtl,
+         injectable={"preference": (np.ones(3), np.array([1.0, 2.0, 3.0]))}),
+    Case("aligned_mtl_median_weighted", optax_mtl.aligned_mtl,
+         kwargs={"scale_mode": "median", "task_specific": "weighted"}),
 ]

@@ -13,10 +13,11 @@ A method is therefore a :class:`Weighting` plus a call to
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -61,15 +62,18 @@ class AggregationState(NamedTuple):
   """State of every aggregation transform.
 
   Attributes:
-    count: number of updates performed (int32).
+    count: number of updates performed (int32); skipped non-finite steps do
+      not count.
     weights: ``(K,)`` weights used in the last update (the initial weights
       before the first one).
     weighting_state: the method's own state (warm starts, EMAs, keys, ...).
+    nonfinite_count: number of steps skipped for non-finite input.
   """
 
   count: jax.Array
   weights: jax.Array
   weighting_state: PyTree
+  nonfinite_count: jax.Array
 
 
 def weights_dtype(params: PyTree) -> jnp.dtype:
@@ -82,6 +86,23 @@ def weights_dtype(params: PyTree) -> jnp.dtype:
   return gram_lib.accumulation_dtype(*dtypes)
 
 
+def _check_every(update_weights_every):
+  """``update_weights_every``: a positive integer, or a traced integer array."""
+  if isinstance(update_weights_every, jax.core.Tracer):
+    return None
+  value = np.asarray(update_weights_every)
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer) or isinstance(update_weights_every, bool):
+    raise TypeError(f"update_weights_every must be an integer, got {update_weights_every!r}.")
+  if int(value) < 1:
+    raise ValueError(f"update_weights_every must be >= 1, got {int(value)}.")
+  return int(value)
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones([], bool)
+
+
 def weighted_aggregation(
     num_tasks: int,
     weighting: Weighting | Callable[[jax.Array], jax.Array],
@@ -89,8 +110,9 @@ def weighted_aggregation(
     shared: shared_lib.SharedMask = None,
     update_weights_every: int | jax.Array = 1,
     initial_weights: jax.Array | None = None,
-    task_specific_weights: jax.Array | None = None,
+    task_specific_weights: jax.Array | Callable[[jax.Array], jax.Array] | None = None,
     postprocess: Callable[[PyTree, list[bool] | None], PyTree] | None = None,
+    nonfinite: Literal["skip", "propagate"] = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns a Gram weighting into a multi-task gradient transformation.
 
@@ -107,6 +129,15 @@ def weighted_aggregation(
   ``w``-weighted gradients, or ``task_specific_weights``-weighted ones when
   given.
 
+  **Non-finite input** (a NaN or inf in the gradients, the task losses or
+  the weights, including a Gram matrix that overflows float32 for gradient
+  norms beyond about 1e19): the weights and the method's state are kept,
+  ``count`` does not advance (a due weight refresh is retried on the next
+  step), ``nonfinite_count`` is incremented, and the update is zero
+  (``nonfinite="skip"``, default) or NaN (``nonfinite="propagate"``), the
+  latter for ``optax.chain(tx, optax.apply_if_finite(optimizer))`` so that
+  the optimizer skips its step as well (its moments untouched).
+
   Args:
     num_tasks: the number of tasks ``K`` (static: it fixes the state shapes).
     weighting: a :class:`Weighting`, or a pure function ``gram -> weights``.
@@ -118,10 +149,12 @@ def weighted_aggregation(
     initial_weights: ``(K,)`` weights held in the state before the first
       update (default ones).
     task_specific_weights: ``(K,)`` weights for the task-specific leaves
-      instead of ``w`` (e.g. ones: every head gets its plain gradient).
+      instead of ``w`` (e.g. ones: every head gets its plain gradient), or a
+      function ``w -> (K,) weights``.
     postprocess: ``(updates, shared_flags) -> updates`` applied after
       combining, e.g. clipping the shared part (``shared_flags`` holds one
       bool per leaf, ``None`` when every leaf is shared).
+    nonfinite: ``"skip"`` (default) or ``"propagate"``, see above.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -140,9 +173,14 @@ def weighted_aggregation(
   k = contract.check_num_tasks(num_tasks)
   if not isinstance(weighting, Weighting):
     weighting = stateless(weighting)
-  if isinstance(update_weights_every, int) and update_weights_every < 1:
-    raise ValueError(f"update_weights_every must be >= 1, got {update_weights_every}.")
-  static_every = update_weights_every if isinstance(update_weights_every, int) else None
+  static_every = _check_every(update_weights_every)
+  if nonfinite not in ("skip", "propagate"):
+    raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}.")
+  if task_specific_weights is None or callable(task_specific_weights):
+    other_weights = task_specific_weights
+  else:
+    constant = contract.check_task_vector(task_specific_weights, k, "task_specific_weights")
+    other_weights = lambda weights: constant.astype(weights.dtype)
 
   def init_fn(params):
     dtype = weights_dtype(params)
@@ -154,6 +192,7 @@ def weighted_aggregation(
         count=jnp.zeros([], jnp.int32),
         weights=weights,
         weighting_state=weighting.init(k, dtype),
+        nonfinite_count=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
@@ -174,19 +213,23 @@ def weighted_aggregation(
 
     def solve(m, weighting_state):
       weights, weighting_state = weighting.update(m, weighting_state, task_losses)
+      if m is not None:
+        # A non-finite Gram (NaN/inf gradients, float32 overflow) poisons the
+        # weights even where the weighting happens to return finite numbers.
+        weights = jnp.where(jnp.all(jnp.isfinite(m)), weights, jnp.nan)
       return weights.astype(dtype), weighting_state
 
     def refresh(weighting_state):
       if weighting.needs_gram:
         new_updates, (weights, weighting_state) = grads.gram_and_update(
-            flags, lambda m: solve(m, weighting_state), task_specific_weights)
+            flags, lambda m: solve(m, weighting_state), other_weights)
       else:
         weights, weighting_state = solve(None, weighting_state)
-        new_updates = grads.weighted_update(weights, flags, task_specific_weights)
+        new_updates = grads.weighted_update(weights, flags, other_weights)
       return new_updates, weights, weighting_state
 
     def reuse(weighting_state):
-      new_updates = grads.weighted_update(state.weights, flags, task_specific_weights)
+      new_updates = grads.weighted_update(state.weights, flags, other_weights)
       return new_updates, state.weights, weighting_state
 
     if static_every == 1:
@@ -197,10 +240,19 @@ def weighted_aggregation(
 
     if postprocess is not None:
       new_updates = postprocess(new_updates, flags)
+    finite = _all_finite(new_updates) & _all_finite(weights)
+    if task_losses is not None:
+      finite = finite & _all_finite(task_losses)
+    fill = 0.0 if nonfinite == "skip" else jnp.nan
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.full_like(u, fill)), new_updates)
+    weights = jnp.where(finite, weights, state.weights)
+    weighting_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), weighting_state, state.weighting_state)
     return new_updates, AggregationState(
-        count=optax.safe_increment(state.count),
+        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
         weights=weights,
         weighting_state=weighting_state,
+        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

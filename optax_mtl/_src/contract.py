@@ -159,8 +159,6 @@ def check_updates(updates: PyTree, params: PyTree) -> None:
         f" {jax.tree.structure(updates)}\n  params: {jax.tree.structure(params)}"
     ) from err
   for (path, update), param in zip(jax.tree_util.tree_flatten_with_path(updates)[0], param_leaves):
-    if update is None or param is None:
-      continue
     if shape_of(update) != shape_of(param):
       hint = ""
       if shape_of(update)[1:] == shape_of(param):

@@ -20,6 +20,7 @@ from optax_mtl._src import contract
 from optax_mtl._src import shared as shared_lib
 
 PyTree = Any
+_UNROLL_LIMIT = 16
 
 
 def accumulation_dtype(*dtypes) -> jnp.dtype:
@@ -42,13 +43,15 @@ def _replicated_out_sharding(leaf):
 
 def _leaf_gram(leaf: jax.Array, dtype) -> jax.Array:
   axes = tuple(range(1, leaf.ndim))
+  # HIGHEST: accelerators would otherwise round float32 inputs to TF32/bf16.
   return lax.dot_general(
       leaf,
       leaf,
       dimension_numbers=((axes, axes), ((), ())),
+      precision=lax.Precision.HIGHEST,
       preferred_element_type=dtype,
       out_sharding=_replicated_out_sharding(leaf),
-  ).astype(dtype)
+  )
 
 
 def gram(per_task_grads: PyTree, mask: PyTree | None = None) -> jax.Array:
@@ -58,9 +61,9 @@ def gram(per_task_grads: PyTree, mask: PyTree | None = None) -> jax.Array:
     M_{ij} = \sum_{\ell \in \text{leaves}} \langle g_i^{(\ell)}, g_j^{(\ell)} \rangle
 
   Each leaf ``(K, *shape)`` is contracted over all of its non-task axes with
-  :func:`jax.lax.dot_general` accumulating in float32 (float64 for float64
-  leaves), which is exact enough for bf16/f16 gradients, and the ``K x K``
-  results are summed over leaves. On parameters sharded over a mesh (Explicit
+  :func:`jax.lax.dot_general` at ``Precision.HIGHEST``, accumulating in
+  float32 (float64 for float64 leaves) also for bf16/f16 gradients, and the
+  ``K x K`` results are summed over leaves. On parameters sharded over a mesh (Explicit
   or Auto axes) this lowers to local contractions plus one all-reduce.
 
   Args:
@@ -118,10 +121,14 @@ def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
     g = jnp.asarray(g)
     dtype = accumulation_dtype(g.dtype, weights.dtype)
     w = weights.astype(dtype)
-    # An unrolled sum over the (small, static) task axis: XLA fuses it into
-    # one elementwise pass reading the K slices, several times faster on CPU
-    # than a reduction over the strided leading axis and exact in float32
-    # for low-precision leaves.
+    if k > _UNROLL_LIMIT:
+      return lax.dot_general(w, g.astype(dtype), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                             preferred_element_type=dtype).astype(g.dtype)
+    # For small K, an unrolled sum over the task axis: XLA fuses it into one
+    # elementwise pass reading the K slices (several times faster on CPU than
+    # a reduction over the strided leading axis), accumulating in float32
+    # for low-precision leaves. Unrolling grows the program with K x leaves,
+    # hence the limit.
     total = w[0] * g[0].astype(dtype)
     for i in range(1, k):
       total = total + w[i] * g[i].astype(dtype)

@@ -26,6 +26,7 @@ from jax import lax
 
 from optax_mtl._src import aggregation
 from optax_mtl._src import contract
+from optax_mtl._src import gram as gram_lib
 from optax_mtl._src import numerics
 from optax_mtl._src import shared as shared_lib
 
@@ -41,6 +42,11 @@ _NEWTON_TOL = 1e-6
 _FULL_STEP = 0.25
 
 
+def _check_solver(solver):
+  if solver not in ("newton", "ccp", "jaxopt"):
+    raise ValueError(f"solver must be 'newton', 'ccp' or 'jaxopt', got {solver!r}.")
+
+
 class NashInfo(NamedTuple):
   """Diagnostics of one Nash-MTL weight solve.
 
@@ -50,8 +56,9 @@ class NashInfo(NamedTuple):
     iterations: Newton iterations (CCP: subproblems solved; jaxopt: L-BFGS-B
       iterations).
     solvable: false when no positive solution exists (zero in the convex hull
-      of the nonzero gradients: a Pareto-stationary point); the weights are
-      then zero.
+      of the nonzero gradients: a Pareto-stationary point, or a solution
+      beyond what float32 resolves); the weights are then zero. Non-finite
+      Grams are handled by the transform's non-finite policy.
     min_cosine: smallest pairwise cosine between nonzero task gradients.
     max_cosine: largest pairwise cosine.
   """
@@ -120,8 +127,8 @@ def _newton(cosines, b0, active, max_iter):
 
   res0 = _residual(cosines, b0, active)
   init = (b0, jnp.zeros([], jnp.int32), res0, b0, jnp.zeros([], jnp.int32), jnp.zeros([], bool))
-  _, iterations, residual, best, _, diverged = lax.while_loop(cond, body, init)
-  return best, iterations, residual, ~diverged
+  _, iterations, _, best, _, diverged = lax.while_loop(cond, body, init)
+  return best, iterations, ~diverged
 
 
 def _barrier_subproblem(cosines, q, b0, stages=8, growth=10.0, inner=30):
@@ -235,6 +242,7 @@ def _jaxopt(cosines, b0, max_iter):
   return result.params, result.state.iter_num.astype(jnp.int32)
 
 
+@numerics.full_precision
 def nash_solve(
     gram: jax.Array,
     *,
@@ -251,13 +259,12 @@ def nash_solve(
     ``(weights, scaled, info)``: the weights ``a``, the cosine-scale solution
     ``b = a * n`` (a warm start for the next solve) and :class:`NashInfo`.
   """
-  if solver not in ("newton", "ccp", "jaxopt"):
-    raise ValueError(f"solver must be 'newton', 'ccp' or 'jaxopt', got {solver!r}.")
+  _check_solver(solver)
   scaling = numerics.cosine_scaling(gram)
   active = scaling.nonzero
   cosines = scaling.cosines
   b0 = _starting_point(cosines, warm_start)
-  b, iterations, _, solvable = _newton(cosines, b0, active, max_iter)
+  b, iterations, solvable = _newton(cosines, b0, active, max_iter)
   if solver == "ccp":
     b_ccp, iterations = _ccp(gram, scaling, 1.01 * b, active, optim_niter)
     b = jnp.where(solvable, b_ccp, b)
@@ -314,8 +321,14 @@ def nash(
       concave-convex procedure (Eq. 4, then Eq. 5 linearisations with the
       official objective scaling, each convex subproblem solved by
       log-barrier Newton; up to ``optim_niter`` subproblems), which reproduces
-      AvivNavon/nash-mtl wherever that code converges; ``"jaxopt"``:
-      ``jaxopt.LBFGSB`` on the convex problem (a cross-check; imported lazily).
+      AvivNavon/nash-mtl wherever that code converges. It starts each solve
+      afresh from Eq. 4 (the official code linearises at the previous
+      step's weights instead), needs the Newton solution for a strictly
+      feasible start (so its cost includes Newton's), and like the
+      official procedure is not scale invariant: on Grams with norms spanning
+      1e-3..1e3 it can stop at a point with relative residual about 1 (check
+      ``NashInfo.residual``). ``"jaxopt"``: ``jaxopt.LBFGSB`` on the convex
+      problem (a cross-check; imported lazily).
     max_iter: iteration cap of the Newton (or L-BFGS-B) solve.
     optim_niter: number of CCP subproblems (``solver="ccp"``; the paper uses
       20, 1 for MT10).
@@ -355,12 +368,23 @@ def clip_shared_norm(updates, flags, max_norm):
   """
   leaves = jax.tree.leaves(updates)
   selected = shared_lib.selected_leaves(updates, flags)
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in selected))
+  dtype = gram_lib.accumulation_dtype(*(x.dtype for x in selected))
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(dtype))) for x in selected))
   factor = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
   factor = jnp.where(max_norm > 0, factor, 1.0)
   flags = flags if flags is not None else [True] * len(leaves)
   scaled = [(leaf * factor.astype(leaf.dtype)) if f else leaf for leaf, f in zip(leaves, flags)]
   return jax.tree.unflatten(jax.tree.structure(updates), scaled)
+
+
+def _head_weights(a):
+  """Weights of the task-specific leaves: ``a``, and 1 for tasks that got no weight.
+
+  A task gets ``a_i = 0`` when its shared gradient is zero (e.g. zero
+  initialised heads) or when no bargaining solution exists; its own
+  parameters still have a gradient, which it keeps.
+  """
+  return jnp.where(a > 0, a, 1.0)
 
 
 def nash_mtl(
@@ -385,7 +409,9 @@ def nash_mtl(
   (AvivNavon/nash-mtl ``NashMTL``): the update of the shared parameters is
   clipped to global norm ``max_norm`` (0 disables); task-specific parameters
   receive their ``a``-weighted gradients, unclipped (``task_specific=
-  "unweighted"`` gives them their plain gradients instead); the weights are
+  "unweighted"`` gives them their plain gradients instead; a task whose
+  weight is 0, because its shared gradient is zero or no solution exists,
+  keeps its plain gradient there, so its head still trains); the weights are
   recomputed every ``update_weights_every`` steps and reused in between (with
   :func:`optax_mtl.task_gradients`, the steps in between cost one backward
   pass). Unlike the official code it solves exactly (the official CCP fails
@@ -429,8 +455,7 @@ def nash_mtl(
   k = contract.check_num_tasks(num_tasks)
   if task_specific not in ("weighted", "unweighted"):
     raise ValueError(f"task_specific must be 'weighted' or 'unweighted', got {task_specific!r}.")
-  if solver not in ("newton", "ccp", "jaxopt"):
-    raise ValueError(f"solver must be 'newton', 'ccp' or 'jaxopt', got {solver!r}.")
+  _check_solver(solver)
 
   def init(num_tasks, dtype):
     zero = jnp.zeros([], dtype)
@@ -449,6 +474,6 @@ def nash_mtl(
       aggregation.Weighting(init=init, update=update),
       shared=shared,
       update_weights_every=update_weights_every,
-      task_specific_weights=None if task_specific == "weighted" else jnp.ones((k,), jnp.float32),
+      task_specific_weights=_head_weights if task_specific == "weighted" else jnp.ones((k,), jnp.float32),
       postprocess=lambda updates, flags: clip_shared_norm(updates, flags, max_norm),
   )

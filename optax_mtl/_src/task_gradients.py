@@ -35,6 +35,7 @@ from optax_mtl._src import shared as shared_lib
 
 PyTree = Any
 Solve = Callable[[jax.Array], tuple[jax.Array, Any]]
+OtherWeights = Callable[[jax.Array], jax.Array] | None
 
 
 def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype) -> Any:
@@ -78,9 +79,8 @@ class TaskGradients(abc.ABC):
   does not cross a ``jax.jit`` boundary).
 
   In the methods below, ``flags`` holds one bool per parameter leaf (true for
-  shared leaves, ``None``: all shared) and ``other_weights``, when given, are
-  the weights applied to the task-specific (non-shared) leaves instead of
-  ``w``.
+  shared leaves, ``None``: all shared) and ``other_weights``, when given, maps
+  ``w`` to the weights applied to the task-specific (non-shared) leaves.
 
   Attributes:
     losses: the ``(K,)`` task losses of the forward pass.
@@ -113,7 +113,7 @@ class TaskGradients(abc.ABC):
 
   @abc.abstractmethod
   def gram_and_update(
-      self, flags: list[bool] | None, solve: Solve, other_weights: jax.Array | None = None
+      self, flags: list[bool] | None, solve: Solve, other_weights: OtherWeights = None
   ) -> tuple[PyTree, Any]:
     """Builds the Gram ``M`` of the shared part, ``w, out = solve(M)``, and the update.
 
@@ -122,13 +122,13 @@ class TaskGradients(abc.ABC):
     """
 
   def weighted_update(
-      self, weights: jax.Array, flags: list[bool] | None = None, other_weights: jax.Array | None = None
+      self, weights: jax.Array, flags: list[bool] | None = None, other_weights: OtherWeights = None
   ) -> PyTree:
-    """``J^T w`` (``J^T other_weights`` on the task-specific leaves)."""
+    """``J^T w`` (``J^T other_weights(w)`` on the task-specific leaves)."""
     full = self.full_update(weights)
     if flags is None or other_weights is None or all(flags):
       return full
-    other = self.full_update(other_weights)
+    other = self.full_update(other_weights(weights))
     return _merge(jax.tree.structure(full), flags, _select(full, flags, True), _select(other, flags, False))
 
 
@@ -159,8 +159,9 @@ class JacobianTree(TaskGradients):
   def weighted_update(self, weights, flags=None, other_weights=None):
     if flags is None or other_weights is None:
       return gram_lib.combine(weights, self.jac)
+    other = other_weights(weights)
     leaves = [
-        gram_lib.combine(weights if f else other_weights, leaf)
+        gram_lib.combine(weights if f else other, leaf)
         for leaf, f in zip(jax.tree.leaves(self.jac), flags, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(self.jac), leaves)
@@ -268,7 +269,7 @@ class VJPTaskGradients(_LazyTaskGradients):
     shared_updates = [gram_lib.combine(weights, g) for g in shared_jac]
     other_updates = []
     if not all(flags):
-      other = weights if other_weights is None else other_weights
+      other = weights if other_weights is None else other_weights(weights)
       other_updates = _select(self.full_update(other), flags, False)
     return _merge(self._space.treedef, flags, shared_updates, other_updates), (weights, out)
 
