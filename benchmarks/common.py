@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import platform
@@ -70,8 +71,19 @@ def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmu
   }
 
 
+def _strict(value):
+  """NaN/inf as null (not applicable / failed), so the file is standard JSON."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _strict(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_strict(v) for v in value]
+  return value
+
+
 def write(result: dict, out: str | os.PathLike | None, default_name: str) -> pathlib.Path:
   path = pathlib.Path(out) if out else RESULTS / default_name
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+  path.write_text(json.dumps(_strict(result), indent=2, sort_keys=False, allow_nan=False) + "\n")
   return path

@@ -1,4 +1,4 @@
-"""Weight-solve time and accuracy against K for every weighting, against the PyTorch peers.
+"""Weight-solve time and accuracy against K for every Gram weighting, against the PyTorch peers.
 
 For each K, two gradient matrices: Gaussian rows, and rows of norms
 ``logspace(-3, 3)`` (the scale disparity that breaks the official solvers).
@@ -13,7 +13,14 @@ training). Accuracy, in float64, of the returned weights ``w``:
 - Aligned-MTL: ``||J^T (w - w*)|| / ||J^T w*||`` against the official algorithm
   run in float64, with the float32 rank threshold for ours (as the official
   training) and the float64 one for TorchJD (its convention; its mean
-  preference rescaled by K).
+  preference rescaled by K);
+- IMTL-G: the spread of the projections ``u_i^T d`` relative to their mean (0
+  when they are equal, as the method requires);
+- CAGrad, UPGrad, DualProj: ``||J^T (w - w*)|| / ||J^T w*||`` against the same
+  problem solved in float64 (CAGrad ``c = 0.5``, no rescale, mean scale;
+  UPGrad/DualProj: the exact projection for ours, TorchJD's trace-normalised
+  ridge of 1e-4 for TorchJD);
+- PCGrad, GradVac: random orders, time only.
 
   python benchmarks/weight_solvers.py          # writes results/weight_solvers_<platform>.json and .png
   python benchmarks/weight_solvers.py --tiny --out /tmp/x.json
@@ -48,6 +55,18 @@ OURS = {
     "nash": {name: functools.partial(optax_mtl.weighting.nash, solver=name) for name in ("newton", "ccp", "jaxopt")},
     "mgda": {name: functools.partial(optax_mtl.weighting.mgda, solver=name) for name in ("exact", "pgd", "fw")},
     "aligned": {"eigh": optax_mtl.weighting.aligned},
+    "imtl_g": {"pinv": optax_mtl.weighting.imtl_g},
+    "cagrad": {"barrier": functools.partial(optax_mtl.weighting.cagrad, c=0.5, rescale=0)},
+    "upgrad": {"qp": optax_mtl.weighting.upgrad},
+    "dualproj": {"qp": optax_mtl.weighting.dualproj},
+    "pcgrad": {"gram": lambda gram: optax_mtl.weighting.pcgrad(gram, jax.random.key(0))},
+    "gradvac": {"gram": lambda gram: optax_mtl.weighting.gradvac(gram, key=jax.random.key(0))[0]},
+}
+# The same problem in float64, as the accuracy reference (TorchJD's variant where it differs).
+REFERENCE64 = {
+    "cagrad": (functools.partial(optax_mtl.weighting.cagrad, c=0.5, rescale=0),) * 2,
+    "upgrad": (optax_mtl.weighting.upgrad, functools.partial(optax_mtl.weighting.upgrad, regularization=1e-4)),
+    "dualproj": (optax_mtl.weighting.dualproj, functools.partial(optax_mtl.weighting.dualproj, regularization=1e-4)),
 }
 
 
@@ -70,10 +89,24 @@ def aligned_reference(gram: np.ndarray, eps: float = FLOAT32_EPS) -> np.ndarray:
   return (vectors * np.sqrt(values.min() / values)) @ vectors.T @ np.ones(len(gram))
 
 
+def reference64(method: str, gram: np.ndarray, peer: bool) -> np.ndarray | None:
+  if method == "aligned":
+    return aligned_reference(gram, float(np.finfo(np.float64).eps) if peer else FLOAT32_EPS)
+  if method not in REFERENCE64:
+    return None
+  with jax.enable_x64(True):
+    return np.asarray(REFERENCE64[method][int(peer)](jnp.asarray(gram, jnp.float64)))
+
+
 def accuracy(method: str, gram: np.ndarray, w: np.ndarray, reference=None) -> float:
   w = np.asarray(w, np.float64)
+  if method in ("pcgrad", "gradvac"):
+    return float("nan")
   if not np.all(np.isfinite(w)):
     return float("inf")
+  if method == "imtl_g":
+    projections = (gram @ w) / np.sqrt(np.diag(gram))
+    return float(np.ptp(projections) / abs(np.mean(projections)))
   if method == "nash":
     if np.any(w <= 0):
       return float("inf")
@@ -112,8 +145,15 @@ def torchjd_weightings(method: str, k: int):
   if method == "mgda":
     weighting = aggregation.MGDA().weighting
     return lambda g: weighting(g)
-  weighting = aggregation.AlignedMTL().weighting
-  return lambda g: k * weighting(g)  # mean preference -> the official ones
+  if method == "aligned":
+    weighting = aggregation.AlignedMTL().weighting
+    return lambda g: k * weighting(g)  # mean preference -> the official ones
+  weighting = {
+      "imtl_g": aggregation.IMTLG, "upgrad": aggregation.UPGrad, "dualproj": aggregation.DualProj,
+      "pcgrad": aggregation.PCGrad, "gradvac": aggregation.GradVac,
+      "cagrad": lambda: aggregation.CAGrad(c=0.5),
+  }[method]().weighting
+  return lambda g: weighting(g)
 
 
 def run(args) -> dict:
@@ -125,7 +165,7 @@ def run(args) -> dict:
         g = gradient_matrix(kind, k, seed=k)
         gram64 = g @ g.T
         gram32 = jnp.asarray(gram64, jnp.float32)
-        reference = aligned_reference(gram64) if method == "aligned" else None
+        reference = reference64(method, gram64, peer=False)
         row = {"method": method, "K": k, "matrix": kind, "d": g.shape[1], "solvers": {}}
         for name, solve in solvers.items():
           w = np.asarray(solve(gram32).block_until_ready())
@@ -140,8 +180,8 @@ def run(args) -> dict:
             matrix = torch.as_tensor(g)
             first = peer(matrix).numpy()  # Nash: cold start from ones, as in the fixtures
             timing = time_calls(lambda: peer(matrix), max(3, args.repeats // 10), warmup=1)
-          # TorchJD's Aligned-MTL thresholds the rank with float64 eps: compare it with that convention.
-          peer_reference = aligned_reference(gram64, float(np.finfo(np.float64).eps)) if method == "aligned" else None
+          # Each peer is measured against its own convention (rank threshold, ridge).
+          peer_reference = reference64(method, gram64, peer=True)
           row["solvers"]["torchjd"] = {**timing, "error": accuracy(method, gram64, first, peer_reference)}
           default = next(iter(solvers))
           row["speedup_vs_torchjd"] = row["solvers"]["torchjd"]["median_ms"] / row["solvers"][default]["median_ms"]
@@ -158,6 +198,10 @@ def run(args) -> dict:
           "mgda": "Frank-Wolfe gap (w^T M w - min_i (M w)_i) / max_i M_ii, w rescaled to sum 1",
           "aligned": ("||J^T (w - w_ref)|| / ||J^T w_ref||, w_ref the official algorithm in float64 with the"
                       " float32 rank threshold (ours, as the official training) or the float64 one (TorchJD's)"),
+          "imtl_g": "spread of the projections u_i^T d over their mean",
+          "cagrad/upgrad/dualproj": ("||J^T (w - w_ref)|| / ||J^T w_ref||, w_ref the same problem solved in float64"
+                                     " (TorchJD's ridge variant for TorchJD)"),
+          "pcgrad/gradvac": "random orders: no accuracy (NaN)",
       },
       "rows": rows,
   }
@@ -179,7 +223,7 @@ def plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   methods = sorted({r["method"] for r in result["rows"]})
-  fig, axes = plt.subplots(2, len(methods), figsize=(5.5 * len(methods), 8), squeeze=False)
+  fig, axes = plt.subplots(2, len(methods), figsize=(4.5 * len(methods), 8), squeeze=False)
   for col, method in enumerate(methods):
     rows = [r for r in result["rows"] if r["method"] == method]
     names = sorted({n for r in rows for n in r["solvers"]})
@@ -189,8 +233,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ks = [r["K"] for r in sel]
         axes[0][col].plot(ks, [r["solvers"][name]["median_ms"] for r in sel], style, marker="o",
                           label=f"{name} ({kind})")
-        axes[1][col].plot(ks, [min(max(r["solvers"][name]["error"], 1e-12), 1e3) for r in sel], style,
-                          marker="o", label=f"{name} ({kind})")
+        errors = [r["solvers"][name]["error"] for r in sel]
+        if all(np.isfinite(e) or np.isinf(e) for e in errors) and not any(np.isnan(e) for e in errors):
+          axes[1][col].plot(ks, [min(max(e, 1e-12), 1e3) for e in errors], style, marker="o", label=f"{name} ({kind})")
     axes[0][col].set(xscale="log", yscale="log", xlabel="K", ylabel="ms per solve", title=f"{method}: time")
     axes[1][col].set(xscale="log", yscale="log", xlabel="K", ylabel="error (see JSON)", title=f"{method}: accuracy")
     axes[0][col].legend(fontsize=7)

@@ -32,6 +32,20 @@ METHODS = {
     "linear_scalarization": lambda: optax_mtl.linear_scalarization(2),
     "mgda": lambda: optax_mtl.mgda(2),
     "aligned_mtl": lambda: optax_mtl.aligned_mtl(2),
+    "pcgrad": lambda: optax_mtl.pcgrad(2, key=0),
+    "cagrad": lambda: optax_mtl.cagrad(2),
+    "imtl_g": lambda: optax_mtl.imtl_g(2),
+    "upgrad": lambda: optax_mtl.upgrad(2),
+    "dualproj": lambda: optax_mtl.dualproj(2),
+    "graddrop": lambda: optax_mtl.graddrop(2, key=0),
+    "gradvac": lambda: optax_mtl.gradvac(2, key=0),
+    "random_weighting": lambda: optax_mtl.random_weighting(2, key=0),
+    "dwa": lambda: optax_mtl.dwa(2),
+    "gradnorm": lambda: optax_mtl.gradnorm(2),
+    # The toy losses go negative: scale_invariant (log L) skips every such step and
+    # uncertainty_weighting's log-variances diverge; they are shown for completeness.
+    "scale_invariant": lambda: optax_mtl.scale_invariant(2),
+    "uncertainty_weighting": lambda: optax_mtl.uncertainty_weighting(2),
 }
 
 
@@ -109,9 +123,13 @@ def plot(results: dict, path: str) -> None:
   xx, yy = np.meshgrid(grid, grid)
   losses = jax.jit(jax.vmap(task_losses))(jnp.stack([xx.ravel(), yy.ravel()], axis=1))
   total = np.asarray(losses.sum(axis=1)).reshape(xx.shape)
-  fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 5), squeeze=False)
+  columns = min(4, len(results))
+  rows = -(-len(results) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 4.5 * rows), squeeze=False)
   colors = plt.cm.tab10(np.arange(len(STARTS)))
-  for ax, (name, traj) in zip(axes[0], results.items()):
+  for ax in axes.flat[len(results):]:
+    ax.axis("off")
+  for ax, (name, traj) in zip(axes.flat, results.items()):
     ax.contour(xx, yy, total, levels=25, cmap="Greys", linewidths=0.6)
     front_x1 = np.linspace(*PARETO_X1, 57, dtype=np.float32)
     front_x2 = np.asarray(pareto_front(jnp.asarray(front_x1)))
@@ -120,7 +138,8 @@ def plot(results: dict, path: str) -> None:
       ax.plot(run[:, 0], run[:, 1], color=colors[i], linewidth=2)
       ax.scatter(*run[0], color=colors[i], marker="o", s=40, zorder=3)
       ax.scatter(*run[-1], color=colors[i], marker="*", s=150, edgecolor="k", zorder=4)
-    ax.set_title(name)
+    reached = int(on_pareto_front(traj[:, -1]).sum())
+    ax.set_title(f"{name} ({reached}/5 on the front)")
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
   axes[0][0].legend(loc="upper left")

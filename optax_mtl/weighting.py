@@ -7,7 +7,13 @@ becomes a transform with :func:`optax_mtl.weighted_aggregation`.
 """
 
 from optax_mtl._src.aligned import aligned
+from optax_mtl._src.cagrad import cagrad
+from optax_mtl._src.gradvac import gradvac
+from optax_mtl._src.imtl_g import imtl_g
 from optax_mtl._src.mgda import mgda
 from optax_mtl._src.nash import nash
+from optax_mtl._src.pcgrad import pcgrad
+from optax_mtl._src.upgrad import dualproj
+from optax_mtl._src.upgrad import upgrad
 
-__all__ = ["aligned", "mgda", "nash"]
+__all__ = ["aligned", "cagrad", "dualproj", "gradvac", "imtl_g", "mgda", "nash", "pcgrad", "upgrad"]

@@ -40,3 +40,9 @@ def has(case: dict, field: str) -> bool:
 def case_id(case: dict) -> str:
   variant = f"-{case['variant']}" if case["variant"] else ""
   return f"{case['prefix']}-{case['regime']}{variant}-K{case['K']}".replace(" ", "")
+
+
+def direction_error(gram: np.ndarray, w, w_ref: np.ndarray) -> float:
+  """``||J^T (w - w_ref)||`` relative to the largest task gradient norm."""
+  dw = np.asarray(w, np.float64) - w_ref
+  return float(np.sqrt(max(dw @ gram @ dw, 0.0)) / np.sqrt(np.max(np.diag(gram))))

@@ -103,6 +103,44 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones([], bool)
 
 
+def finish_update(
+    state: AggregationState,
+    new_updates: PyTree,
+    weights: jax.Array,
+    weighting_state: PyTree,
+    task_losses: jax.Array | None,
+    nonfinite: Literal["skip", "propagate"],
+) -> tuple[PyTree, AggregationState]:
+  """Applies the non-finite policy and advances the state (shared by every transform)."""
+  finite = _all_finite(new_updates) & _all_finite(weights)
+  if task_losses is not None:
+    finite = finite & _all_finite(task_losses)
+  fill = 0.0 if nonfinite == "skip" else jnp.nan
+  new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.full_like(u, fill)), new_updates)
+  weights = jnp.where(finite, weights, state.weights)
+  weighting_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), weighting_state, state.weighting_state)
+  return new_updates, AggregationState(
+      count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+      weights=weights,
+      weighting_state=weighting_state,
+      nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
+  )
+
+
+def check_losses(task_losses, grads, num_tasks: int, required: bool):
+  """``task_losses`` (defaulting to the lazy gradients' own), validated."""
+  if task_losses is None:
+    task_losses = grads.losses
+  task_losses = contract.check_task_vector(task_losses, num_tasks, "task_losses")
+  if required and task_losses is None:
+    raise ValueError(
+        "This method needs the per-task losses: call"
+        " tx.update(per_task_grads, state, params, task_losses=losses) with"
+        f" losses of shape ({num_tasks},)."
+    )
+  return task_losses
+
+
 def weighted_aggregation(
     num_tasks: int,
     weighting: Weighting | Callable[[jax.Array], jax.Array],
@@ -199,15 +237,7 @@ def weighted_aggregation(
     del extra_args
     grads = task_gradients_lib.as_task_gradients(updates)
     grads.check(k, params)
-    if task_losses is None:
-      task_losses = grads.losses
-    task_losses = contract.check_task_vector(task_losses, k, "task_losses")
-    if weighting.needs_task_losses and task_losses is None:
-      raise ValueError(
-          "This method needs the per-task losses: call"
-          " tx.update(per_task_grads, state, params, task_losses=losses) with"
-          f" losses of shape ({k},)."
-      )
+    task_losses = check_losses(task_losses, grads, k, weighting.needs_task_losses)
     flags = shared_lib.resolve(shared, params, grads.param_tree())
     dtype = state.weights.dtype
 
@@ -240,19 +270,6 @@ def weighted_aggregation(
 
     if postprocess is not None:
       new_updates = postprocess(new_updates, flags)
-    finite = _all_finite(new_updates) & _all_finite(weights)
-    if task_losses is not None:
-      finite = finite & _all_finite(task_losses)
-    fill = 0.0 if nonfinite == "skip" else jnp.nan
-    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.full_like(u, fill)), new_updates)
-    weights = jnp.where(finite, weights, state.weights)
-    weighting_state = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old), weighting_state, state.weighting_state)
-    return new_updates, AggregationState(
-        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
-        weights=weights,
-        weighting_state=weighting_state,
-        nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32),
-    )
+    return finish_update(state, new_updates, weights, weighting_state, task_losses, nonfinite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

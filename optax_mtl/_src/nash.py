@@ -171,17 +171,7 @@ def _barrier_subproblem(cosines, q, b0, stages=8, growth=10.0, inner=30):
 
   def centre(carry, _):
     b, t = carry
-
-    def cond(c):
-      _, it, decrement = c
-      return (it < inner) & (decrement > 1e-7)
-
-    def body(c):
-      b, it, _ = c
-      b, decrement = newton_step(b, t)
-      return b, it + 1, decrement
-
-    b, _, _ = lax.while_loop(cond, body, (b, 0, jnp.asarray(jnp.inf, b.dtype)))
+    b = numerics.newton_loop(lambda b: newton_step(b, t), b, max_iter=inner, tol=1e-7)
     return (b, t * growth), None
 
   _, h0 = constraints(b0)

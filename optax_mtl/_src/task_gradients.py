@@ -107,6 +107,19 @@ class TaskGradients(abc.ABC):
   def jacobian(self) -> PyTree:
     """The explicit per-task gradients, every leaf ``(K, ...)``."""
 
+  def representation(self) -> tuple[PyTree, PyTree | None]:
+    """``(per-task gradients, signs)`` of the space a non-Gram method edits.
+
+    The parameters' per-task gradients (signs ``None``) for the parameter
+    paths; for the feature level, the gradients of the representation and
+    the signs of the representation (GradDrop's ``sign(z)``).
+    """
+    return self.jacobian(), None
+
+  def backprop(self, combined: PyTree) -> PyTree:
+    """The parameter update from an edited combination in :meth:`representation`'s space."""
+    return combined
+
   @abc.abstractmethod
   def full_update(self, weights: jax.Array) -> PyTree:
     """``J^T w`` on every leaf: with a lazy object, one backward pass of ``sum_i w_i L_i``."""
@@ -295,9 +308,20 @@ class VJPTaskGradients(_LazyTaskGradients):
 class FeatureTaskGradients(_LazyTaskGradients):
   """Per-task gradients with respect to a shared representation ``z``."""
 
-  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size):
+  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size, representation):
     super().__init__(losses, aux, params, batch_size)
     self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
+    self._z = representation
+
+  def representation(self):
+    return self.jacobian(), jax.tree.map(jnp.sign, self._z)
+
+  def backprop(self, combined):
+    # Task-specific parameters get their plain gradients; the encoder the
+    # edited representation gradient.
+    head_grads, _ = self._heads_vjp(jnp.ones_like(self.losses))
+    (encoder_grads,) = self._encoder_vjp(combined)
+    return jax.tree.map(jnp.add, head_grads, encoder_grads)
 
   def jacobian(self):
     """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
@@ -486,6 +510,6 @@ def feature_task_gradients(
     else:
       (losses, heads_vjp), aux = jax.vjp(closed, params, z), None
     _check_loss_vector(losses, has_aux)
-    return FeatureTaskGradients(losses, aux, encoder_vjp, heads_vjp, params, batch_size)
+    return FeatureTaskGradients(losses, aux, encoder_vjp, heads_vjp, params, batch_size, z)
 
   return wrapped

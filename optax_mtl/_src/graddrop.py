@@ -1,0 +1,181 @@
+r"""GradDrop: randomly drop the gradient signs that disagree, per coordinate.
+
+Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with Gradient
+Sign Dropout <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
+
+With :math:`s_i` the task gradients (times the sign of the activations when
+applied to a representation), the positive sign purity
+
+.. math::
+  P = \tfrac12 \Big(1 + \frac{\sum_i s_i}{\sum_i |s_i|}\Big)
+
+decides, against :math:`U \sim \mathcal U(0, 1)`, which sign survives:
+:math:`M_i = 1[P > U] 1[s_i > 0] + 1[P < U] 1[s_i < 0]`, and the update is
+:math:`\sum_i (\ell + (1 - \ell) M_i) \circ g_i` with leak :math:`\ell`.
+GradDrop needs the per-task gradients themselves, not only their Gram matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_mtl._src import aggregation
+from optax_mtl._src import contract
+from optax_mtl._src import randomness
+from optax_mtl._src import shared as shared_lib
+from optax_mtl._src import task_gradients as task_gradients_lib
+
+Purity = Literal["coordinate", "global"]
+
+
+def _safe_ratio(numerator, denominator, eps):
+  ok = denominator + eps > 0
+  return jnp.where(ok, numerator / jnp.where(ok, denominator + eps, 1.0), 0.0)
+
+
+def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", signs=None, eps=0.0):
+  """The GradDrop combination of per-task gradients for given uniforms.
+
+  Args:
+    per_task_grads: pytree, every leaf ``(K, ...)``.
+    uniforms: pytree of uniforms shaped like the leaves without the task axis
+      (``"coordinate"``), or one scalar (``"global"``).
+    leak: fraction :math:`\\ell` of every gradient always kept (scalar or
+      ``(K,)``; the paper's leak, SamsungLabs' ``1 - leak``).
+    purity: ``"coordinate"`` (paper, TorchJD) or ``"global"`` (SamsungLabs/MTL:
+      one purity from the sums over all coordinates, one mask bit per task).
+    signs: pytree of the signs of the representation (``None``: ones).
+    eps: added to the purity's denominator (SamsungLabs uses 1e-8).
+
+  Returns:
+    ``(combined, kept)``: the combined tree and the ``(K,)`` fraction of each
+    task's gradient mass (L1) that was kept.
+  """
+  leaves, treedef = jax.tree.flatten(per_task_grads)
+  k = contract.check_task_gradients(per_task_grads)
+  sign_leaves = [None] * len(leaves) if signs is None else jax.tree.leaves(signs)
+  leak = jnp.broadcast_to(jnp.asarray(leak, jnp.float32), (k,))
+  dtypes = [jnp.promote_types(jnp.float32, g.dtype) for g in leaves]
+  signed = [g.astype(t) * (1.0 if s is None else s.astype(t)[None]) for g, s, t in zip(leaves, sign_leaves, dtypes)]
+
+  if purity == "global":
+    totals = sum(jnp.sum(s.reshape(k, -1), axis=1) for s in signed)  # (K,)
+    p = 0.5 * (1.0 + _safe_ratio(jnp.sum(totals), jnp.sum(jnp.abs(totals)), eps))
+    mask = ((p > uniforms) & (totals > 0)) | ((p < uniforms) & (totals < 0))
+    multipliers = leak + (1.0 - leak) * mask
+    combined = [jnp.tensordot(multipliers.astype(t), g.astype(t), axes=1).astype(g.dtype)
+                for g, t in zip(leaves, dtypes)]
+    return treedef.unflatten(combined), multipliers
+
+  uniform_leaves = jax.tree.leaves(uniforms)
+  combined, kept, mass = [], jnp.zeros((k,)), jnp.zeros((k,))
+  for g, s, u, t in zip(leaves, signed, uniform_leaves, dtypes):
+    p = 0.5 * (1.0 + _safe_ratio(jnp.sum(s, axis=0), jnp.sum(jnp.abs(s), axis=0), eps))
+    mask = ((p > u)[None] & (s > 0)) | ((p < u)[None] & (s < 0))
+    multipliers = leak.reshape((k,) + (1,) * (g.ndim - 1)) + (1.0 - leak.reshape((k,) + (1,) * (g.ndim - 1))) * mask
+    g32 = g.astype(t)
+    combined.append(jnp.sum(multipliers.astype(t) * g32, axis=0).astype(g.dtype))
+    kept = kept + jnp.sum((multipliers * jnp.abs(g32)).reshape(k, -1), axis=1)
+    mass = mass + jnp.sum(jnp.abs(g32).reshape(k, -1), axis=1)
+  return treedef.unflatten(combined), jnp.where(mass > 0, kept / jnp.where(mass > 0, mass, 1.0), 1.0)
+
+
+def draw_uniforms(key, per_task_grads, purity: Purity):
+  """Uniforms for :func:`drop`: one per coordinate, or one in all."""
+  if purity == "global":
+    return jax.random.uniform(key)
+  leaves, treedef = jax.tree.flatten(per_task_grads)
+  return treedef.unflatten([jax.random.uniform(jax.random.fold_in(key, i), g.shape[1:])
+                            for i, g in enumerate(leaves)])
+
+
+def graddrop(
+    num_tasks: int,
+    key: int | jax.Array = 0,
+    *,
+    leak: float | jax.Array = 0.0,
+    purity: Purity = "coordinate",
+    eps: float | jax.Array = 0.0,
+    shared: shared_lib.SharedMask = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""GradDrop (Chen et al., 2020): gradient sign dropout.
+
+  Per coordinate (default, the paper's Algorithm 1 and TorchJD's
+  ``GradDrop``) or with one purity for all coordinates (``purity="global"``,
+  SamsungLabs/MTL's balancer, which gives each task a single multiplier).
+  Fresh uniforms at every step from the ``key`` carried in the state.
+
+  Applied to parameter gradients (per-task trees, :func:`optax_mtl.value_and_jacobian`
+  or :func:`optax_mtl.task_gradients`), the task-specific leaves, which only
+  one task touches, keep their gradients; with ``shared=`` they skip the
+  dropout. Given :func:`optax_mtl.feature_task_gradients`, it acts as in
+  the paper and the official code on the gradients of the shared
+  representation, signed by the representation, then backpropagates the
+  result through the encoder; the heads get their plain gradients.
+
+  The state's ``weights`` hold the fraction of each task's gradient mass
+  (L1) that was kept (the multipliers themselves with ``"global"``).
+
+  Args:
+    num_tasks: number of tasks ``K``.
+    key: PRNG key or int seed (a static argument under
+      :func:`optax.inject_hyperparams`).
+    leak: the paper's leak :math:`\ell` (scalar or ``(K,)``), the fraction of
+      each gradient always kept (SamsungLabs' ``leak`` is :math:`1 - \ell`;
+      both 0.5 in its default).
+    purity: ``"coordinate"`` or ``"global"``.
+    eps: added to the purity denominator (SamsungLabs: 1e-8).
+    shared: mask of the shared parameters (only they are dropped).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` with an
+    :class:`optax_mtl.AggregationState` (``weighting_state``: the key data).
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with
+    Gradient Sign Dropout <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
+  """
+  k = contract.check_num_tasks(num_tasks)
+  if purity not in ("coordinate", "global"):
+    raise ValueError(f"purity must be 'coordinate' or 'global', got {purity!r}.")
+  initial_key = randomness.key_data(key)
+
+  def init_fn(params):
+    dtype = aggregation.weights_dtype(params)
+    return aggregation.AggregationState(
+        count=jnp.zeros([], jnp.int32), weights=jnp.ones((k,), dtype), weighting_state=initial_key,
+        nonfinite_count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    del extra_args
+    grads = task_gradients_lib.as_task_gradients(updates)
+    grads.check(k, params)
+    task_losses = aggregation.check_losses(task_losses, grads, k, required=False)
+    flags = shared_lib.resolve(shared, params, grads.param_tree())
+    jac, signs = grads.representation()
+    key_data, sub = randomness.next_key(state.weighting_state)
+    feature_level = signs is not None
+    if flags is None or feature_level:
+      selected = jac
+    else:
+      selected = [leaf for leaf, f in zip(jax.tree.leaves(jac), flags) if f]
+    uniforms = draw_uniforms(sub, selected, purity)
+    dropped, kept = drop(selected, uniforms, leak=leak, purity=purity, signs=signs, eps=eps)
+    if flags is None or feature_level:
+      combined = dropped
+    else:
+      dropped_iter = iter(dropped)
+      leaves = [next(dropped_iter) if f else jnp.sum(leaf, axis=0) for leaf, f in zip(jax.tree.leaves(jac), flags)]
+      combined = jax.tree.unflatten(jax.tree.structure(jac), leaves)
+    new_updates = grads.backprop(combined)
+    # A non-finite coordinate can be masked out of the combination: check the
+    # input itself so that the step is skipped like every other method's.
+    finite_input = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(jac)]))
+    kept = jnp.where(finite_input, kept, jnp.nan).astype(state.weights.dtype)
+    return aggregation.finish_update(state, new_updates, kept, key_data, task_losses, "skip")
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
