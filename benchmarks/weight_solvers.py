@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_mtl
+from optax_mtl._src import upgrad as upgrad_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
@@ -63,9 +64,22 @@ OURS = {
     "gradvac": {"gram": lambda gram: optax_mtl.weighting.gradvac(gram, key=jax.random.key(0))[0]},
 }
 # The same problem in float64, as the accuracy reference (TorchJD's variant where it differs).
+def _upgrad_sequential(gram, regularization=0.0):
+  """UPGrad with its K projections one after the other (``lax.map``).
+
+  The float64 reference: the batched (vmapped) projections deadlock in
+  XLA:CPU under ``jax_enable_x64`` on the K = 40 scale matrix (jax 0.10.2);
+  the sequential loop solves the same problems.
+  """
+  working = upgrad_lib._working_gram(gram, regularization)
+  k = gram.shape[0]
+  units = jnp.eye(k, dtype=gram.dtype) / k
+  return jnp.sum(jax.lax.map(lambda u: upgrad_lib.project_to_dual_cone(working, u), units), axis=0)
+
+
 REFERENCE64 = {
     "cagrad": (functools.partial(optax_mtl.weighting.cagrad, c=0.5, rescale=0),) * 2,
-    "upgrad": (optax_mtl.weighting.upgrad, functools.partial(optax_mtl.weighting.upgrad, regularization=1e-4)),
+    "upgrad": (_upgrad_sequential, functools.partial(_upgrad_sequential, regularization=1e-4)),
     "dualproj": (optax_mtl.weighting.dualproj, functools.partial(optax_mtl.weighting.dualproj, regularization=1e-4)),
 }
 

@@ -1,0 +1,585 @@
+"""Train-step time of every method relative to linear scalarization (LS), and against the PyTorch peers.
+
+The model of ``gradient_paths.py``: an MLP trunk shared by ``K`` linear
+regression heads (mean squared error per task), Adam (lr 1e-4). Defaults: K in
+2, 3, 10, 40, a trunk of 256 -> 512 x 4 ReLU layers (0.92M parameters; the JSON
+records the counts), batch 256, 8 outputs per head. For each ``K``:
+
+- **methods**: one jitted train step per method (per-task gradients, the
+  transform, ``optax.adam``, ``optax.apply_updates``), timed round-robin with
+  ``common.time_interleaved``; median/min/max after compilation and the ratio of
+  medians to LS measured in the same round. Gram and full-gradient methods
+  (Nash-MTL, MGDA, Aligned-MTL, CAGrad, IMTL-G, PCGrad, GradVac, GradDrop,
+  UPGrad, DualProj, GradNorm) get their per-task gradients from
+  ``value_and_jacobian`` (K backward passes); the methods that read only the
+  losses or a key (LS, SI, RLW, DWA, UW) from the lazy ``task_gradients``
+  (one backward pass), as they would be used. Every Gram method runs with
+  ``shared=`` the trunk. Each timed call is one training step: params and
+  optimizer state are carried over, and the batch rotates over a few
+  pre-drawn batches, so the solvers see a different Gram at every step as in
+  training (warm starts included).
+- **references** (same round): ``sum_grad``, a plain ``jax.grad`` of
+  the summed loss with Adam and no ``optax_mtl`` (what LS should cost), and
+  ``ls_jacobian``, LS fed the full Jacobian (the floor of the Jacobian path).
+- **breakdown** (LS, Nash-MTL, MGDA, UPGrad, CAGrad): each stage jitted and
+  timed on its own, round-robin: the one backward pass of LS, the Jacobian
+  (``value_and_jacobian``), the Gram of the trunk (``optax_mtl.gram``), each
+  weighting alone on that Gram (``optax_mtl.weighting.<name>``), the
+  combination (``optax_mtl.combine``) and the optimizer step (Adam update and
+  ``optax.apply_updates``).
+- **cheap paths** (relative to the same LS): Nash-MTL on the lazy
+  ``task_gradients`` with ``update_weights_every = k`` for k in 1, 5, 50 (the
+  mean step over a cycle of k consecutive jitted calls: one refresh with K
+  backward passes, k - 1 cached steps with one), and the feature-level step
+  (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB).
+- **peers** (optional; PyTorch on CPU, float32, ``torch.set_num_threads`` = the
+  core count, the same initial weights and batches): a plain ``sum(losses)
+  .backward()`` step; TorchJD 0.18 ``mtl_backward`` + ``jac_to_grad`` with
+  ``Mean``, ``MGDA``, ``NashMTL``, ``AlignedMTL``, ``UPGrad``, ``PCGrad`` and
+  ``CAGrad(c=0.4)``; and the official nash-mtl training step (K
+  ``torch.autograd.grad`` calls on the trunk, the Nash solve, one backward pass
+  of ``sum_i a_i L_i``, the trunk's gradient clipped to norm 1), whose solve is
+  TorchJD's port of the official cvxpy/ECOS CCP (``NashMTL(max_norm=0)
+  .weighting`` on the stacked gradients: the official normalised Gram,
+  iteration cap and stopping rule). Each peer is timed round-robin with the
+  other peers (after ours, so the two runtimes' thread pools never overlap),
+  and each gets the speed-up of our step for the same method and K (peer
+  median / our median). Run the peers on an idle machine: with another
+  process on a core, PyTorch's OpenMP threads spin-wait on it and its steps
+  get about 100 times slower (a warning is printed and written when its plain
+  step is more than 10 times JAX's).
+
+  python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
+  python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
+  python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (faster on XLA:CPU)
+  python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
+
+PyTorch and TorchJD are optional (``pip install torch==2.13.0
+"torchjd[nash_mtl]==0.18.0"``); without them the peers are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_mtl
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import common  # noqa: E402
+import gradient_paths as model  # noqa: E402  (the MLP trunk + K heads, shared with that benchmark)
+
+KS = (2, 3, 10, 40)
+LEARNING_RATE = 1e-4
+SHARED = {"trunk": True, "heads": False}  # a prefix mask of the params: the trunk is shared
+
+# name -> (factory num_tasks -> transform, gradient path). "jacobian": per-task gradients from
+# value_and_jacobian; "lazy": task_gradients, which costs one backward pass for methods that read
+# no Gram.
+METHODS = {
+    "linear_scalarization": (lambda k: optax_mtl.linear_scalarization(k), "lazy"),
+    "nash_mtl": (lambda k: optax_mtl.nash_mtl(k, shared=SHARED), "jacobian"),
+    "mgda": (lambda k: optax_mtl.mgda(k, shared=SHARED), "jacobian"),
+    "aligned_mtl": (lambda k: optax_mtl.aligned_mtl(k, shared=SHARED), "jacobian"),
+    "cagrad": (lambda k: optax_mtl.cagrad(k, shared=SHARED), "jacobian"),
+    "imtl_g": (lambda k: optax_mtl.imtl_g(k, shared=SHARED), "jacobian"),
+    "pcgrad": (lambda k: optax_mtl.pcgrad(k, key=0, shared=SHARED), "jacobian"),
+    "gradvac": (lambda k: optax_mtl.gradvac(k, key=0, shared=SHARED), "jacobian"),
+    "graddrop": (lambda k: optax_mtl.graddrop(k, key=0, shared=SHARED), "jacobian"),
+    "upgrad": (lambda k: optax_mtl.upgrad(k, shared=SHARED), "jacobian"),
+    "dualproj": (lambda k: optax_mtl.dualproj(k, shared=SHARED), "jacobian"),
+    "scale_invariant": (lambda k: optax_mtl.scale_invariant(k), "lazy"),
+    "random_weighting": (lambda k: optax_mtl.random_weighting(k, key=0), "lazy"),
+    "dwa": (lambda k: optax_mtl.dwa(k), "lazy"),
+    "uncertainty_weighting": (lambda k: optax_mtl.uncertainty_weighting(k), "lazy"),
+    "gradnorm": (lambda k: optax_mtl.gradnorm(k, shared=SHARED), "jacobian"),  # the Gram diagonal
+}
+BASELINE = "linear_scalarization"
+
+# The breakdown's weightings, each the one its transform uses by default.
+BREAKDOWN_WEIGHTINGS = {
+    "nash_mtl": optax_mtl.weighting.nash,
+    "mgda": optax_mtl.weighting.mgda,
+    "upgrad": optax_mtl.weighting.upgrad,
+    "cagrad": lambda gram: optax_mtl.weighting.cagrad(gram, c=0.4, rescale=1),
+}
+
+LAZY_EVERY = (1, 5, 50)
+FEATURE_METHODS = {  # the -UB variants the papers define
+    "mgda": lambda k: optax_mtl.mgda(k),
+    "aligned_mtl": lambda k: optax_mtl.aligned_mtl(k),
+}
+
+# TorchJD aggregator (constructor) -> our method of the same definition.
+PEER_AGGREGATORS = {
+    "torchjd_mean": ("Mean", {}, "linear_scalarization"),
+    "torchjd_mgda": ("MGDA", {}, "mgda"),
+    "torchjd_nash_mtl": ("NashMTL", {"n_tasks": None}, "nash_mtl"),
+    "torchjd_aligned_mtl": ("AlignedMTL", {}, "aligned_mtl"),
+    "torchjd_upgrad": ("UPGrad", {}, "upgrad"),
+    "torchjd_pcgrad": ("PCGrad", {}, "pcgrad"),
+    "torchjd_cagrad": ("CAGrad", {"c": 0.4}, "cagrad"),
+}
+
+
+# ----------------------------------------------------------------------------- data and steps
+
+
+def make_batches(args, k):
+  """A few different batches, rotated over the steps so every step sees a new Gram."""
+  rng = np.random.default_rng(k)
+  return [(rng.normal(size=(args.batch, args.features)).astype(np.float32),
+           rng.normal(size=(args.batch, k, args.head_dim)).astype(np.float32))
+          for _ in range(args.num_batches)]
+
+
+def apply_step(tx, grads_of):
+  """A train step ``(params, opt_state, x, y) -> (params, opt_state)`` of ``tx`` on ``grads_of``'s gradients."""
+
+  def step(params, opt_state, x, y):
+    losses, grads = grads_of(params, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def jacobian_grads(batch_size):
+  return optax_mtl.value_and_jacobian(model.task_losses, batch_size=batch_size)
+
+
+def lazy_grads(batch_size):
+  def grads_of(params, x, y):
+    grads = optax_mtl.task_gradients(model.task_losses, batch_size=batch_size)(params, x, y)
+    return grads.losses, grads
+
+  return grads_of
+
+
+def feature_grads(batch_size):
+  def grads_of(params, x, y):
+    grads = optax_mtl.feature_task_gradients(model.encoder, model.heads_losses, batch_size=batch_size)(params, x, y)
+    return grads.losses, grads
+
+  return grads_of
+
+
+def sum_grad_step(adam):
+  def step(params, opt_state, x, y):
+    grads = jax.grad(lambda p: jnp.sum(model.task_losses(p, x, y)))(params)
+    updates, opt_state = adam.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return step
+
+
+def training_call(jit, step, tx_init, params, batches, steps_per_call=1):
+  """A callable running ``steps_per_call`` jitted train steps, carrying params and state.
+
+  The steps are dispatched back to back and only the last result is waited
+  for (by the timer), as in a training loop.
+  """
+  jitted = jit(step)
+  device_batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
+  state = {"params": params, "opt_state": tx_init(params), "i": 0}
+
+  def call():
+    for _ in range(steps_per_call):
+      x, y = device_batches[state["i"] % len(device_batches)]
+      state["params"], state["opt_state"] = jitted(state["params"], state["opt_state"], x, y)
+      state["i"] += 1
+    return state["params"], state["opt_state"]
+
+  return call
+
+
+def jitter(args):
+  """``jax.jit`` with the run's compiler options (``--tiny``: unoptimised code, compiled twice as fast)."""
+  return functools.partial(jax.jit, compiler_options=args.compiler_options)
+
+
+def per_step(timing, steps):
+  scaled = {key: timing[key] / steps for key in ("median_ms", "min_ms", "max_ms")}
+  return {**timing, **scaled, "steps_per_call": steps}
+
+
+# ----------------------------------------------------------------------------- our measurements
+
+
+def time_methods(args, k, params, batches):
+  """Every method, the references and the cheap paths, in one round-robin."""
+  adam, jit, batch_size = optax.adam(LEARNING_RATE), jitter(args), args.jacobian_batch_size
+  calls, steps = {}, {}
+  for name, (factory, path) in METHODS.items():
+    tx = optax.chain(factory(k), adam)
+    grads_of = jacobian_grads(batch_size) if path == "jacobian" else lazy_grads(batch_size)
+    calls[name] = training_call(jit, apply_step(tx, grads_of), tx.init, params, batches)
+  ls_on_jacobian = optax.chain(optax_mtl.linear_scalarization(k), adam)
+  references = {
+      "sum_grad": training_call(jit, sum_grad_step(adam), adam.init, params, batches),
+      "ls_jacobian": training_call(jit, apply_step(ls_on_jacobian, jacobian_grads(batch_size)),
+                                   ls_on_jacobian.init, params, batches),
+  }
+  cheap = {}
+  for every in args.lazy_every:
+    tx = optax.chain(optax_mtl.nash_mtl(k, shared=SHARED, update_weights_every=every), adam)
+    name = f"task_gradients_nash_mtl_every_{every}"
+    cheap[name] = training_call(jit, apply_step(tx, lazy_grads(batch_size)), tx.init, params, batches,
+                                steps_per_call=every)
+    steps[name] = every
+  for method, factory in FEATURE_METHODS.items():
+    tx = optax.chain(factory(k), adam)
+    cheap[f"feature_level_{method}"] = training_call(jit, apply_step(tx, feature_grads(batch_size)), tx.init, params,
+                                                       batches)
+  timings = common.time_interleaved({**calls, **references, **cheap}, repeats=args.repeats)
+  for name, every in steps.items():
+    timings[name] = per_step(timings[name], every)
+  baseline = timings[BASELINE]["median_ms"]
+  for entry in timings.values():
+    entry["ratio_to_ls"] = entry["median_ms"] / baseline
+  return ({name: timings[name] for name in calls}, {name: timings[name] for name in references},
+          {name: timings[name] for name in cheap})
+
+
+def time_breakdown(args, k, params, batches, method_timings):
+  """Each stage of a Gram method's step, jitted and timed on its own (round-robin)."""
+  adam, jit = optax.adam(LEARNING_RATE), jitter(args)
+  x, y = (jnp.asarray(a) for a in batches[0])
+  backward = jit(jax.value_and_grad(lambda p, x, y: jnp.sum(model.task_losses(p, x, y))))
+  jacobian = jit(jacobian_grads(args.jacobian_batch_size))
+  gram = jit(lambda jac: optax_mtl.gram(jac, mask=SHARED))
+  combine = jit(optax_mtl.combine)
+
+  @jit
+  def optimizer(grads, opt_state, params):
+    updates, opt_state = adam.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  _, jac = common.block(jacobian(params, x, y))
+  matrix = common.block(gram(jac))
+  weights = jnp.ones((k,), jnp.float32)
+  grads = common.block(combine(weights, jac))
+  opt_state = adam.init(params)
+  calls = {
+      "backward": lambda: backward(params, x, y),
+      "jacobian": lambda: jacobian(params, x, y),
+      "gram": lambda: gram(jac),
+      "combine": lambda: combine(weights, jac),
+      "optimizer": lambda: optimizer(grads, opt_state, params),
+  }
+  for name, weighting in BREAKDOWN_WEIGHTINGS.items():
+    calls[f"weighting_{name}"] = (lambda fn: lambda: fn(matrix))(jit(weighting))
+  stages = common.time_interleaved(calls, repeats=args.repeats)
+  medians = {name: entry["median_ms"] for name, entry in stages.items()}
+  per_method = {BASELINE: {"backward_ms": medians["backward"], "optimizer_ms": medians["optimizer"]}}
+  for name in BREAKDOWN_WEIGHTINGS:
+    per_method[name] = {"jacobian_ms": medians["jacobian"], "gram_ms": medians["gram"],
+                        "weighting_ms": medians[f"weighting_{name}"], "combine_ms": medians["combine"],
+                        "optimizer_ms": medians["optimizer"]}
+  for name, entry in per_method.items():
+    entry["stages_total_ms"] = sum(entry.values())
+    entry["step_ms"] = method_timings[name]["median_ms"]
+  return {"stages": stages, "methods": per_method}
+
+
+# ----------------------------------------------------------------------------- peers (PyTorch)
+
+
+def import_peers():
+  """``(torch, torchjd modules)`` or ``(None, reason)``."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      import torch
+      from torchjd import aggregation
+      from torchjd import autojac
+  except ImportError as err:
+    return None, f"skipped: {err}"
+  return (torch, aggregation, autojac), None
+
+
+def torch_model(torch, params):
+  """The JAX model in ``torch.nn`` with the same initial weights (float32)."""
+  nn = torch.nn
+  layers = []
+  for layer in params["trunk"]:
+    linear = nn.Linear(*layer["w"].shape)
+    with torch.no_grad():
+      linear.weight.copy_(torch.as_tensor(np.array(layer["w"]).T))  # np.array: a writable copy
+      linear.bias.copy_(torch.as_tensor(np.array(layer["b"])))
+    layers += [linear, nn.ReLU()]
+  heads = []
+  for head in params["heads"]:
+    linear = nn.Linear(*head["w"].shape)
+    with torch.no_grad():
+      linear.weight.copy_(torch.as_tensor(np.array(head["w"]).T))
+      linear.bias.copy_(torch.as_tensor(np.array(head["b"])))
+    heads.append(linear)
+  return nn.Sequential(*layers), nn.ModuleList(heads)
+
+
+def peer_calls(k, params, batches, modules):
+  """One callable per peer, each running one training step on its own model copy."""
+  torch, aggregation, autojac = modules
+  torch_batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in batches]
+  mse = torch.nn.functional.mse_loss
+  calls, notes = {}, {}
+
+  def make(step_body):
+    trunk, heads = torch_model(torch, params)
+    optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=LEARNING_RATE)
+    state = {"i": 0}
+
+    def call():
+      x, y = torch_batches[state["i"] % len(torch_batches)]
+      state["i"] += 1
+      features = trunk(x)
+      losses = [mse(head(features), y[:, i]) for i, head in enumerate(heads)]
+      step_body(trunk, heads, features, losses)
+      optimizer.step()
+      optimizer.zero_grad(set_to_none=True)
+
+    return call
+
+  calls["torch_sum"] = make(lambda trunk, heads, features, losses: torch.stack(losses).sum().backward())
+
+  for name, (cls, kwargs, _) in PEER_AGGREGATORS.items():
+    kwargs = {key: (k if value is None else value) for key, value in kwargs.items()}
+    try:
+      aggregator = getattr(aggregation, cls)(**kwargs)
+    except ImportError as err:  # NashMTL and CAGrad need cvxpy/ECOS
+      notes[name] = f"skipped: {err}"
+      continue
+
+    def body(trunk, heads, features, losses, aggregator=aggregator):
+      shared = list(trunk.parameters())
+      autojac.mtl_backward(losses, features=features, shared_params=shared,
+                           tasks_params=[list(head.parameters()) for head in heads])
+      autojac.jac_to_grad(shared, aggregator)
+
+    calls[name] = make(body)
+
+  try:
+    # TorchJD's copy of the official CCP solve; max_norm=0 because the official step clips the
+    # gradients after the backward pass, not the weights.
+    nash_weighting = aggregation.NashMTL(n_tasks=k, max_norm=0.0).weighting
+  except ImportError as err:
+    notes["nash_mtl_official"] = f"skipped: {err}"
+  else:
+
+    def official_nash(trunk, heads, features, losses):
+      shared = list(trunk.parameters())
+      rows = [torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+              for loss in losses]
+      alpha = nash_weighting(torch.stack(rows))
+      sum(a * loss for a, loss in zip(alpha, losses)).backward()
+      torch.nn.utils.clip_grad_norm_(shared, 1.0)
+
+    calls["nash_mtl_official"] = make(official_nash)
+  return calls, notes
+
+
+PEER_METHOD = {"torch_sum": "linear_scalarization", "nash_mtl_official": "nash_mtl",
+               **{name: method for name, (_, _, method) in PEER_AGGREGATORS.items()}}
+
+
+def time_peers(args, k, params, batches, modules, method_timings):
+  calls, notes = peer_calls(k, params, batches, modules)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # cvxpy's "not DPP" warning on every Nash solve
+    timings = common.time_interleaved(calls, repeats=args.peer_repeats)
+  for name, entry in timings.items():
+    ours = PEER_METHOD[name]
+    entry["method"] = ours
+    entry["speedup_of_ours"] = entry["median_ms"] / method_timings[ours]["median_ms"]
+  return {**timings, **{name: {"note": note, "method": PEER_METHOD[name]} for name, note in notes.items()}}
+
+
+def peer_versions():
+  import importlib.metadata as metadata
+
+  versions = {}
+  for name in ("torch", "torchjd", "cvxpy", "ecos"):
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(args) -> dict:
+  modules, peers_note = (None, "not run (--no-peers, the default with --tiny)") if not args.peers else import_peers()
+  if modules is not None:
+    modules[0].set_num_threads(args.torch_threads)
+  rows = []
+  sizes = None
+  for k in args.ks:
+    params = model.init_params(jax.random.key(0), args.features, args.width, args.depth, k, args.head_dim)
+    n_trunk = sum(p.size for p in jax.tree.leaves(params["trunk"]))
+    n_heads = sum(p.size for p in jax.tree.leaves(params["heads"]))
+    sizes = sizes or {"ks": list(args.ks), "batch": args.batch, "features": args.features, "width": args.width,
+                      "depth": args.depth, "head_dim": args.head_dim, "trunk_params": int(n_trunk),
+                      "head_params_per_task": int(n_heads // k)}
+    batches = make_batches(args, k)
+    methods, references, cheap = time_methods(args, k, params, batches)
+    row = {"K": k, "params": int(n_trunk + n_heads), "methods": methods, "references": references,
+           "cheap_paths": cheap}
+    if k in args.breakdown_ks:
+      row["breakdown"] = time_breakdown(args, k, params, batches, methods)
+    if modules is not None:
+      row["peers"] = time_peers(args, k, params, batches, modules, methods)
+      slowdown = row["peers"]["torch_sum"]["median_ms"] / references["sum_grad"]["median_ms"]
+      if slowdown > 10:  # the same backward pass in both frameworks: an order of magnitude is not the framework
+        row["peers_warning"] = (f"PyTorch's plain step is {slowdown:.0f}x slower than JAX's: another process"
+                                " probably holds a core (OpenMP threads spin-waiting on a busy core); rerun on an"
+                                " idle machine, or with --torch-threads 1 or OMP_WAIT_POLICY=PASSIVE")
+    rows.append(row)
+    report(row)
+  return {
+      "benchmark": "train_step",
+      "environment": common.environment(),
+      "peers": {
+          "versions": peer_versions(), "torch_threads": modules[0].get_num_threads(),
+          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+          "step": "torch.optim.Adam(lr=1e-4), float32, the same initial weights and batches",
+          "torchjd": "autojac.mtl_backward(losses, features=trunk output) + autojac.jac_to_grad(trunk params, A)",
+          "nash_mtl_official": ("K torch.autograd.grad on the trunk, TorchJD's port of the official cvxpy/ECOS CCP"
+                                " (NashMTL(max_norm=0).weighting), backward of sum_i a_i L_i, clip_grad_norm_(1)"),
+      } if modules else {"note": peers_note},
+      "sizes": sizes,
+      "settings": {
+          "optimizer": f"adam({LEARNING_RATE})",
+          "jacobian_batch_size": args.jacobian_batch_size,
+          "repeats": args.repeats, "peer_repeats": args.peer_repeats, "batches_rotated": args.num_batches,
+          "paths": {name: path for name, (_, path) in METHODS.items()},
+          "shared": "trunk (Gram methods' shared=); heads task-specific",
+          "timing": ("median/min/max ms per train step after compilation, round-robin over the variants of"
+                     " one K; params and optimizer state carried over, batches rotated; cheap paths with"
+                     " steps_per_call > 1: a cycle of consecutive jitted calls divided by its length"),
+          "ratio_to_ls": "median over the median of linear_scalarization (lazy path) in the same round",
+          "speedup_of_ours": "peer median over the median of our step for the same method and K",
+      },
+      "rows": rows,
+  }
+
+
+def report(row):
+  print(f"K = {row['K']} ({row['params']} params)")
+  print(f"  {'method':<34}{'median ms':>11}{'x LS':>8}")
+  for group in ("methods", "references", "cheap_paths"):
+    for name, entry in row[group].items():
+      print(f"  {name:<34}{entry['median_ms']:>11.2f}{entry['ratio_to_ls']:>8.2f}")
+  if "breakdown" in row:
+    stages = "  ".join(f"{name} {entry['median_ms']:.2f}" for name, entry in row["breakdown"]["stages"].items())
+    print(f"  stages (ms): {stages}")
+  if "peers_warning" in row:
+    print(f"  WARNING: {row['peers_warning']}")
+  for name, entry in row.get("peers", {}).items():
+    if "note" in entry:
+      print(f"  peer {name:<29}{entry['note']}")
+    else:
+      print(f"  peer {name:<29}{entry['median_ms']:>11.2f}   ours {entry['speedup_of_ours']:.2f}x faster")
+  sys.stdout.flush()
+
+
+def plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+
+  rows = result["rows"]
+  ks = [row["K"] for row in rows]
+  with_peers = any("median_ms" in entry for row in rows for entry in row.get("peers", {}).values())
+  fig, axes = plt.subplots(1, 2 if with_peers else 1, figsize=(13 if with_peers else 7, 5.5), squeeze=False)
+  ax = axes[0][0]
+  colors = plt.cm.tab20.colors  # 16 methods + the cheap paths: more lines than the default 10 colours
+  lines = [(name, "methods", "-") for name in rows[0]["methods"]]
+  lines += [(name, "cheap_paths", "--") for name in rows[0]["cheap_paths"]]
+  for i, (name, group, style) in enumerate(lines):
+    ax.plot(ks, [row[group][name]["ratio_to_ls"] for row in rows], style, color=colors[i % len(colors)],
+            marker="osD^v<>"[i % 7], label=name)
+  ax.set(xscale="log", yscale="log", xlabel="K", ylabel="step time / LS step time",
+         title=f"train step vs LS ({result['sizes']['trunk_params']:,} trunk params)")
+  ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the measured K on the log axis
+  ax.legend(fontsize=6, ncol=2)
+  if with_peers:
+    ax = axes[0][1]
+    names = sorted({n for row in rows for n, e in row.get("peers", {}).items() if "median_ms" in e})
+    for name in names:
+      sel = [row for row in rows if "median_ms" in row.get("peers", {}).get(name, {})]
+      ax.plot([row["K"] for row in sel], [row["peers"][name]["speedup_of_ours"] for row in sel], "-", marker="o",
+              label=f"{name} vs {sel[0]['peers'][name]['method']}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="K", ylabel="peer step time / our step time",
+           title="speed-up of ours over the PyTorch peers")
+    ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def parse(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="numbers of tasks")
+  parser.add_argument("--breakdown-ks", type=int, nargs="*", default=None, help="default: every K")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--features", type=int, default=256)
+  parser.add_argument("--width", type=int, default=512)
+  parser.add_argument("--depth", type=int, default=4)
+  parser.add_argument("--head-dim", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--peer-repeats", type=int, default=10)
+  parser.add_argument("--num-batches", type=int, default=8, help="batches rotated over the steps")
+  parser.add_argument("--lazy-every", type=int, nargs="+", default=list(LAZY_EVERY))
+  parser.add_argument("--jacobian-batch-size", type=int, default=None,
+                      help="batch_size of value_and_jacobian / task_gradients / feature_task_gradients"
+                      " (default None: vectorised, the library default; 1: sequential)")
+  parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                      help="time the PyTorch/TorchJD peers (default: on, off with --tiny)")
+  parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                      help="torch.set_num_threads for the peers (default: the core count)")
+  parser.add_argument("--tiny", action="store_true",
+                      help="smoke-test sizes, compiled without XLA's backend optimisations (timings meaningless)")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  args.compiler_options = None
+  if args.tiny:
+    args.ks, args.batch, args.features, args.width, args.depth, args.head_dim = [3], 8, 8, 16, 2, 2
+    args.repeats, args.peer_repeats, args.num_batches = 2, 2, 2
+    # Compilation is nearly all of a tiny run (about 30 jitted functions per K).
+    args.compiler_options = {"xla_backend_optimization_level": 0}
+  if args.peers is None:
+    args.peers = not args.tiny
+  if args.breakdown_ks is None:
+    args.breakdown_ks = list(args.ks)
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse(argv)
+  result = run(args)
+  path = common.write(result, args.out, f"train_step_{result['environment']['platform']}.json")
+  plot(result, path.with_suffix(".png"))
+  print(f"wrote {path} and {path.with_suffix('.png')}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
