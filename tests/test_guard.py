@@ -1,7 +1,6 @@
 """Guards against the silent broadcast of per-task trees (optax_mtl._src.guard)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -1,7 +1,6 @@
 """Random loss weighting (optax_mtl._src.random_weighting)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import optax_mtl
