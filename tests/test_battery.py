@@ -250,3 +250,18 @@ def test_nonfinite_gradients_are_skipped_and_counted(case):
   assert int(new_state.nonfinite_count) == 1 and int(new_state.count) == 0
   assert_same_types(new_state, state)
   assert_trees_close(new_state.weighting_state, state.weighting_state, rtol=0, atol=0)
+
+
+def test_step_never_synchronises_with_the_host(case):
+  # The solvers run in-graph: no callbacks in the program, and a jitted step on
+  # device-resident inputs moves nothing between host and device.
+  params, jac, losses = problem()
+  tx = optax.chain(make(case), optax.adam(1e-2))
+  step = jax.jit(lambda jac, state, params, losses: tx.update(jac, state, params, task_losses=losses))
+  args = jax.device_put((jac, tx.init(params), params, losses))
+  assert "callback" not in str(jax.make_jaxpr(step)(*args))
+  jax.block_until_ready(step(*args))  # compiled outside the guard
+  with jax.transfer_guard("disallow"):
+    _, state = step(*args)
+    updates, state = step(args[0], state, *args[2:])
+    jax.block_until_ready((updates, state))

@@ -76,3 +76,18 @@ def test_train_step_writes_json(tmp_path):
     for entry in breakdown["stages"].values():
       assert 0 < entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
   assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_memory_writes_json(tmp_path):
+  out = tmp_path / "memory.json"
+  load("memory").main(["--tiny", "--out", str(out)])
+  result = json.loads(out.read_text())
+  (row,) = result["rows"]
+  paths = row["paths"]
+  assert set(paths) == set(load("memory").PATHS)
+  assert paths["sum_grad"]["ratio_to_sum_grad"] == 1.0
+  # Storing the Jacobian costs more than one backward pass; streaming it does not store it.
+  assert paths["jacobian"]["temp_bytes"] > paths["sum_grad"]["temp_bytes"]
+  assert paths["streamed"]["temp_bytes"] < paths["jacobian"]["temp_bytes"]
+  for entry in row["largest_trunk"].values():
+    assert entry["width"] % 64 == 0 and entry["compiled_peak_bytes"] <= result["budget"]["bytes"]

@@ -147,3 +147,20 @@ def test_sharded_gram_all_reduces_and_never_gathers(axis_type):
   assert "all-gather" not in combine_hlo and "all-reduce" not in combine_hlo
   np.testing.assert_allclose(d["w"], optax_mtl.combine(weights, tree)["w"], rtol=1e-6, atol=1e-6)
   assert d["w"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+
+
+@pytest.mark.parametrize("spec", [P(None, None, "model"), P(None, "model", None)], ids=["minor", "major"])
+def test_sharded_inputs_without_a_mesh_context_never_gather(spec):
+  # Outside jax.set_mesh the CPU path merges the non-task axes; the partitioner
+  # must still contract each shard locally, whichever axis is sharded.
+  rng = np.random.default_rng(5)
+  tree = {"w": rng.normal(size=(3, 64, 16)).astype(np.float32), "b": rng.normal(size=(3, 16)).astype(np.float32)}
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+  sharded = {"w": jax.device_put(tree["w"], NamedSharding(mesh, spec)),
+             "b": jax.device_put(tree["b"], NamedSharding(mesh, P(None, "model")))}
+  gram_fn = jax.jit(optax_mtl.gram)
+  hlo = gram_fn.lower(sharded).compile().as_text()
+  assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
+  reference = np.einsum("iab,jab->ij", tree["w"].astype(np.float64), tree["w"].astype(np.float64))
+  reference += tree["b"].astype(np.float64) @ tree["b"].T.astype(np.float64)
+  np.testing.assert_allclose(gram_fn(sharded), reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())

@@ -205,3 +205,28 @@ def test_errors():
     optax_mtl.value_and_jacobian(problems.task_losses, batch_size=0)
   with pytest.raises(ValueError, match=r"\(K,\) vector of task losses"):
     optax_mtl.value_and_jacobian(lambda p, x, y: jnp.sum(problems.task_losses(p, x, y)))(params, x, y)
+
+
+def test_streamed_gram_never_holds_the_jacobian():
+  # XLA's buffer assignment bounds what a step keeps live: the streamed Gram's
+  # temporaries stay far below the K x params Jacobian that the stored mode needs.
+  k, width = 16, 256
+  params = {"w1": jnp.zeros((width, width)), "w2": jnp.zeros((width, width)), "heads": jnp.zeros((width, k))}
+
+  def losses_fn(p, x):
+    h = jnp.tanh(jnp.tanh(x @ p["w1"]) @ p["w2"])
+    return jnp.mean((h @ p["heads"]) ** 2, axis=0)
+
+  tx = optax_mtl.nash_mtl(k, shared={"w1": True, "w2": True, "heads": False})
+  state, x = tx.init(params), jnp.ones((8, width))
+
+  def temp_bytes(store_jacobian):
+    def step(params, state, x):
+      grads = optax_mtl.task_gradients(losses_fn, store_jacobian=store_jacobian)(params, x)
+      return tx.update(grads, state, params)
+
+    return jax.jit(step).lower(params, state, x).compile().memory_analysis().temp_size_in_bytes
+
+  shared_jacobian_bytes = k * 2 * width * width * 4
+  assert temp_bytes(True) >= shared_jacobian_bytes
+  assert temp_bytes(False) < shared_jacobian_bytes / 4

@@ -1,8 +1,8 @@
 """The first and last stages of every Gram-based method: ``gram`` and ``combine``.
 
 ``gram`` contracts every non-task axis of every leaf and sums the ``K x K``
-results, so the per-task gradients are never reshaped to ``(K, -1)`` nor
-concatenated. On sharded parameters each device contracts its own shard and
+results, so the per-task gradients are never concatenated (nor, under a
+mesh, reshaped to ``(K, -1)``). On sharded parameters each device contracts its own shard and
 one all-reduce of ``K x K`` numbers finishes the job: the gradients are never
 gathered.
 """
@@ -41,7 +41,23 @@ def _replicated_out_sharding(leaf):
   return None
 
 
+def _flattens_freely(leaf) -> bool:
+  """Whether contracting ``leaf`` as a ``(K, -1)`` matrix is safe and worth it.
+
+  XLA:CPU runs a contraction over several axes about 2.7 times slower than
+  the same contraction over one merged axis (39 vs 14.5 ms for four
+  ``(10, 512, 512)`` leaves). Merging is a free bitcast for an unsharded
+  row-major leaf, but it could make the partitioner move a leaf sharded on
+  a minor axis, so leaves under a mesh keep their axes (accelerators merge
+  contiguous contracting axes themselves).
+  """
+  return (leaf.ndim > 2 and jax.default_backend() == "cpu" and jax.typeof(leaf).sharding.mesh.empty
+          and not isinstance(getattr(leaf, "sharding", None), NamedSharding))
+
+
 def _leaf_gram(leaf: jax.Array, dtype) -> jax.Array:
+  if _flattens_freely(leaf):
+    leaf = leaf.reshape(leaf.shape[0], -1)
   axes = tuple(range(1, leaf.ndim))
   # HIGHEST: accelerators would otherwise round float32 inputs to TF32/bf16.
   return lax.dot_general(

@@ -289,8 +289,10 @@ class VJPTaskGradients(_LazyTaskGradients):
   def _streamed_gram(self, flags):
     """``M`` column by column: ``M e_j = J (J^T e_j)``, one VJP and one JVP each.
 
-    Only one parameter-sized vector per column in flight is live, never the
-    ``K x params`` Jacobian.
+    The columns run ``batch_size`` at a time, one at a time by default: a
+    vectorised map would hold all ``K`` gradients at once, which is the
+    Jacobian this mode exists to avoid. So ``batch_size`` parameter-sized
+    vectors are live, never the ``K x params`` Jacobian.
     """
 
     def column(cotangent):
@@ -300,7 +302,7 @@ class VJPTaskGradients(_LazyTaskGradients):
         g = jax.tree.unflatten(jax.tree.structure(g), leaves)
       return self._jvp(g)
 
-    cols = self._map_cotangents(column)
+    cols = _map_cotangents(column, self.num_tasks, self._batch_size or 1, self.losses.dtype)
     cols = cols.astype(gram_lib.accumulation_dtype(cols.dtype))
     return 0.5 * (cols + cols.T)
 
@@ -423,7 +425,8 @@ def task_gradients(
     store_jacobian: when ``False`` the Gram matrix is built one column at a
       time, :math:`M e_j = J (J^\top e_j)` (one VJP and one JVP per task),
       and the update is one more backward pass: the ``K x params`` Jacobian
-      is never stored, at about twice the compute. For models whose Jacobian
+      is never stored, at about twice the compute. The columns run
+      ``batch_size`` at a time (``None`` means one at a time here). For models whose Jacobian
       does not fit in memory. Methods that need the explicit per-task
       gradients (GradDrop) reject it.
 
