@@ -4,9 +4,11 @@ An MLP trunk shared by ``K`` task heads, one jitted train step (gradients,
 aggregation, Adam) per path, timed round-robin in the same process:
 
 - ``ls``: one backward pass of ``sum_i L_i`` (the baseline, ratio 1);
-- ``jacobian``: ``value_and_jacobian`` (K vectorised backward passes), Gram,
-  weighting, combine;
-- ``jacobian_chunked``: the same with ``batch_size=1`` (memory-bounded);
+- ``jacobian``: ``value_and_jacobian(batch_size=K)`` (K vectorised backward
+  passes on every backend), Gram, weighting, combine;
+- ``jacobian_chunked``: the same with ``batch_size=1`` (memory-bounded; the
+  library's default on CPU);
+- the lazy and feature-level paths use the default ``batch_size=None``;
 - ``lazy_refresh``: ``task_gradients`` on a refresh step (K backward passes
   for the trunk, one weighted pass for the heads);
 - ``streamed_gram``: ``task_gradients(store_jacobian=False)`` (K VJPs + K JVPs,
@@ -109,7 +111,7 @@ def build_steps(num_tasks):
   never_again = 2**30  # refresh on the first step only: every later step reuses the weights
   return {
       "ls": (ls_step, lambda p: adam.init(p)),
-      "jacobian": (jacobian_step(None), lambda p: optax.chain(aggregator(), adam).init(p)),
+      "jacobian": (jacobian_step(num_tasks), lambda p: optax.chain(aggregator(), adam).init(p)),
       "jacobian_chunked": (jacobian_step(1), lambda p: optax.chain(aggregator(), adam).init(p)),
       "lazy_refresh": (lazy_step(1), lambda p: optax.chain(aggregator(), adam).init(p)),
       "streamed_gram": (lazy_step(1, store_jacobian=False), lambda p: optax.chain(aggregator(), adam).init(p)),

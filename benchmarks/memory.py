@@ -7,8 +7,9 @@ training loop would, and compiled on abstract inputs (nothing is allocated to
 compile it). Paths:
 
 - ``sum_grad``: one backward pass of the summed loss, no ``optax_mtl`` (the floor);
-- ``jacobian``: ``value_and_jacobian`` (vectorised: the ``K x params`` Jacobian
-  and the K backward passes' activations at once);
+- ``jacobian``: ``value_and_jacobian(batch_size=K)`` (vectorised on every
+  backend: the ``K x params`` Jacobian and the K backward passes'
+  intermediates at once);
 - ``jacobian_chunked_<b>``: the same with ``batch_size=b`` (``lax.map`` over
   chunks of ``b`` backward passes);
 - ``streamed``: ``task_gradients(store_jacobian=False)`` (the Gram from K VJPs
@@ -17,6 +18,9 @@ compile it). Paths:
   holding both branches, so its peak is the refresh branch's);
 - ``feature_level``: ``feature_task_gradients`` with MGDA-UB (the Jacobian of
   the features only).
+
+``cached`` and ``feature_level`` use the default ``batch_size=None``: one
+backward pass at a time on CPU, all at once on accelerators.
 
 Two numbers per path: ``compiled_peak_bytes``, from XLA's buffer assignment for
 the program (``Compiled.memory_analysis()``: arguments + outputs + temporaries
@@ -63,9 +67,9 @@ def transform(path: str, k: int):
   return optax_mtl.nash_mtl(k, shared=train_step.SHARED, update_weights_every=every)
 
 
-def grads_of(path: str):
+def grads_of(path: str, k: int):
   if path == "jacobian":
-    return train_step.jacobian_grads(None)
+    return train_step.jacobian_grads(k)
   if path.startswith("jacobian_chunked_"):
     return train_step.jacobian_grads(int(path.rsplit("_", 1)[1]))
   if path == "cached":
@@ -87,7 +91,7 @@ def build(path: str, k: int, args, width: int):
     tx, step = adam, train_step.sum_grad_step(adam)
   else:
     tx = optax.chain(transform(path, k), adam)
-    step = train_step.apply_step(tx, grads_of(path))
+    step = train_step.apply_step(tx, grads_of(path, k))
   params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), args.features, width, args.depth, k,
                                                     args.head_dim))
   opt_state = jax.eval_shape(tx.init, params)

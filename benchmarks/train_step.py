@@ -51,7 +51,7 @@ records the counts), batch 256, 8 outputs per head. For each ``K``:
 
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
-  python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (faster on XLA:CPU)
+  python benchmarks/train_step.py --jacobian-batch-size 40  # vectorised backward passes on CPU too
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
 
 PyTorch and TorchJD are optional (``pip install torch==2.13.0
@@ -550,7 +550,8 @@ def parse(argv=None):
   parser.add_argument("--lazy-every", type=int, nargs="+", default=list(LAZY_EVERY))
   parser.add_argument("--jacobian-batch-size", type=int, default=None,
                       help="batch_size of value_and_jacobian / task_gradients / feature_task_gradients"
-                      " (default None: vectorised, the library default; 1: sequential)")
+                      " (default None: the library default, one at a time on CPU and vectorised on"
+                      " accelerators; >= K: vectorised)")
   parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                       help="time the PyTorch/TorchJD peers (default: on, off with --tiny)")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),

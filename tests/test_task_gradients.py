@@ -126,7 +126,8 @@ def test_cached_weights_in_one_jitted_step_equal_the_full_path():
     np.testing.assert_allclose(lazy_state[0].weights, full_state[0].weights, rtol=1e-5)
   assert lazy_step._cache_size() == 1
   # The cached branch is the weighted backward pass: its FLOPs are about 1/K of the refresh.
-  grads_at = lambda p: optax_mtl.task_gradients(problems.task_losses)(p, x, y)
+  # batch_size=K: vectorised, since XLA's cost analysis counts a loop body once.
+  grads_at = lambda p: optax_mtl.task_gradients(problems.task_losses, batch_size=K)(p, x, y)
   w = jnp.ones(K)
   cached = jax.jit(lambda p: grads_at(p).weighted_update(w))
   refresh = jax.jit(lambda p: grads_at(p).gram_and_update(None, lambda m: (inverse_norm(m), ()))[0])
@@ -230,3 +231,14 @@ def test_streamed_gram_never_holds_the_jacobian():
   shared_jacobian_bytes = k * 2 * width * width * 4
   assert temp_bytes(True) >= shared_jacobian_bytes
   assert temp_bytes(False) < shared_jacobian_bytes / 4
+
+
+def test_default_batch_size_is_sequential_on_cpu_and_vectorised_elsewhere():
+  params, x, y = setup()
+
+  def program(batch_size):
+    return str(jax.make_jaxpr(optax_mtl.value_and_jacobian(problems.task_losses, batch_size=batch_size))(params, x, y))
+
+  sequential = jax.default_backend() == "cpu"
+  assert ("scan" in program(None)) == sequential
+  assert "scan" in program(1) and "scan" not in program(K)
