@@ -328,7 +328,8 @@ def markdown(results: dict) -> str:
   cfg = results["config"]
   head = ["method"] + [f"{t['name']} {t['metric']} {'↑' if t['higher_is_better'] else '↓'}" for t in tasks]
   head += ["Δm% ↓", "MR ↓", "ms/step"]
-  lines = [f"**{results['problem']}** ({len(cfg['seeds'])} seeds, {cfg['steps']} steps, batch {cfg['batch']}, "
+  seeds = len(cfg["seeds"])
+  lines = [f"**{results['problem']}** ({seeds} seed{'s' * (seeds > 1)}, {cfg['steps']} steps, batch {cfg['batch']}, "
            f"Adam lr {cfg['lr']}; test set of {results['sizes']['test']}; mean ± std over seeds)", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -391,6 +392,9 @@ def plot(results: dict, out: pathlib.Path) -> list[pathlib.Path]:
     weights = mean_over_seeds(name, "weights")
     for j, task in enumerate(tasks):
       ax.plot(results["methods"][name]["history"][0]["step"], weights[:, j], lw=1, label=task["name"])
+    # Weights that run away (Nash-MTL, SI, UW as a loss nears 0) would flatten the others' curves.
+    if np.all(weights > 0) and weights.max() > 1e3 * weights.min():
+      ax.set_yscale("log")
     ax.set_title(SHORT[name], fontsize=8)
     ax.tick_params(labelsize=6)
   axes.flat[0].legend(fontsize=6)
