@@ -37,6 +37,17 @@ def _safe_ratio(numerator, denominator, eps):
   return jnp.where(ok, numerator / jnp.where(ok, denominator + eps, 1.0), 0.0)
 
 
+def _task_sums(x):
+  """``(K,)`` sums over every non-task axis.
+
+  Reduced in place rather than as ``x.reshape(K, -1)``: with Explicit mesh
+  axes JAX cannot reshape a leaf sharded on a minor axis (``(K, 8, 32@model)``
+  has no sharding as ``(K, 256)``) and raises, where a reduction is local
+  sums and an all-reduce.
+  """
+  return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
 def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", signs=None, eps=0.0):
   """The GradDrop combination of per-task gradients for given uniforms.
 
@@ -63,7 +74,7 @@ def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", s
   signed = [g.astype(t) * (1.0 if s is None else s.astype(t)[None]) for g, s, t in zip(leaves, sign_leaves, dtypes)]
 
   if purity == "global":
-    totals = sum(jnp.sum(s.reshape(k, -1), axis=1) for s in signed)  # (K,)
+    totals = sum(_task_sums(s) for s in signed)  # (K,)
     p = 0.5 * (1.0 + _safe_ratio(jnp.sum(totals), jnp.sum(jnp.abs(totals)), eps))
     mask = ((p > uniforms) & (totals > 0)) | ((p < uniforms) & (totals < 0))
     multipliers = leak + (1.0 - leak) * mask
@@ -79,17 +90,21 @@ def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", s
     multipliers = leak.reshape((k,) + (1,) * (g.ndim - 1)) + (1.0 - leak.reshape((k,) + (1,) * (g.ndim - 1))) * mask
     g32 = g.astype(t)
     combined.append(jnp.sum(multipliers.astype(t) * g32, axis=0).astype(g.dtype))
-    kept = kept + jnp.sum((multipliers * jnp.abs(g32)).reshape(k, -1), axis=1)
-    mass = mass + jnp.sum(jnp.abs(g32).reshape(k, -1), axis=1)
+    kept = kept + _task_sums(multipliers * jnp.abs(g32))
+    mass = mass + _task_sums(jnp.abs(g32))
   return treedef.unflatten(combined), jnp.where(mass > 0, kept / jnp.where(mass > 0, mass, 1.0), 1.0)
 
 
 def draw_uniforms(key, per_task_grads, purity: Purity):
-  """Uniforms for :func:`drop`: one per coordinate, or one in all."""
+  """Uniforms for :func:`drop`: one per coordinate, or one in all.
+
+  Always float32 draws, also under ``jax_enable_x64``: a float64 draw consumes
+  other random bits, so the same key would drop other signs in a float64 run.
+  """
   if purity == "global":
-    return jax.random.uniform(key)
+    return jax.random.uniform(key, dtype=jnp.float32)
   leaves, treedef = jax.tree.flatten(per_task_grads)
-  return treedef.unflatten([jax.random.uniform(jax.random.fold_in(key, i), g.shape[1:])
+  return treedef.unflatten([jax.random.uniform(jax.random.fold_in(key, i), g.shape[1:], jnp.float32)
                             for i, g in enumerate(leaves)])
 
 

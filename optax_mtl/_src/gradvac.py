@@ -91,7 +91,13 @@ def gradvac(
       j = order[position]
       inner = c @ cos[:, j]
       norm_i = jnp.sqrt(jnp.maximum(c @ (cos @ c), 0.0))
-      phi = inner / (norm_i * unit[j] + eps)
+      # A cosine, kept in [-1, 1]: once corrections cancel g_i' (collinear
+      # tasks), its norm is float32 rounding noise and, with eps = 0, the ratio
+      # is far outside (or 0/0), which drove the targets to -inf and the
+      # weights to NaN. A zero vector conflicts with nothing: cosine 0.
+      denominator = norm_i * unit[j] + eps
+      phi = jnp.where(denominator > 0, jnp.clip(inner / jnp.where(denominator > 0, denominator, 1.0), -1.0, 1.0),
+                      0.0)
       target = row[j]
       visit_pair = (j != i) & (unit[j] > 0)
       correct = visit_pair & (phi < target)

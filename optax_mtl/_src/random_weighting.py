@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_mtl._src import aggregation
@@ -45,7 +46,9 @@ def random_weighting(
   def update(gram, key_data, task_losses):
     del gram, task_losses
     key_data, sub = randomness.next_key(key_data)
-    return jax.nn.softmax(jax.random.normal(sub, (k,))), key_data
+    # float32 draws whatever jax_enable_x64 says: the same key gives the same
+    # weights in a float64 run (a float64 draw consumes other random bits).
+    return jax.nn.softmax(jax.random.normal(sub, (k,), jnp.float32)), key_data
 
   return aggregation.weighted_aggregation(
       k,
