@@ -106,7 +106,15 @@ def upgrad(gram: jax.Array, *, preference: jax.Array | None = None, regularizati
   k = gram.shape[0]
   working = _working_gram(gram, regularization)
   p = _preference(k, preference, gram.dtype)
-  columns = jax.vmap(lambda u: project_to_dual_cone(working, u))(jnp.diag(p))
+  project = lambda u: project_to_dual_cone(working, u)
+  if jax.default_backend() == "cpu":
+    # One projection after another: the batched solver loops have deadlocked
+    # XLA:CPU's runtime (jax 0.10.2; every thread parked on a futex, no CPU
+    # used) in a K = 40 training step, float32 too, while the unbatched
+    # loops never did.
+    columns = jax.lax.map(project, jnp.diag(p))
+  else:
+    columns = jax.vmap(project)(jnp.diag(p))
   return jnp.sum(columns, axis=0)
 
 
