@@ -3,7 +3,9 @@
 The model of ``gradient_paths.py``: an MLP trunk shared by ``K`` linear
 regression heads (mean squared error per task), Adam (lr 1e-4). Defaults: K in
 2, 3, 10, 40, a trunk of 256 -> 512 x 4 ReLU layers (0.92M parameters; the JSON
-records the counts), batch 256, 8 outputs per head. For each ``K``:
+records the counts), batch 256, 8 outputs per head. ``--model conv``: the
+small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
+(written to ``train_step_conv_<platform>.json``; no PyTorch peers). For each ``K``:
 
 - **methods**: one jitted train step per method (per-task gradients, the
   transform, ``optax.adam``, ``optax.apply_updates``), timed round-robin with
@@ -52,6 +54,7 @@ records the counts), batch 256, 8 outputs per head. For each ``K``:
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
   python benchmarks/train_step.py --jacobian-batch-size 40  # vectorised backward passes on CPU too
+  python benchmarks/train_step.py --model conv --width 256 --depth 4   # the conv trunk (no peers)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
 
 PyTorch and TorchJD are optional (``pip install torch==2.13.0
@@ -76,7 +79,8 @@ import optax_mtl
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import common  # noqa: E402
-import gradient_paths as model  # noqa: E402  (the MLP trunk + K heads, shared with that benchmark)
+import conv_net  # noqa: E402  (the conv trunk of --model conv)
+import gradient_paths as mlp  # noqa: E402  (the MLP trunk + K heads, shared with that benchmark)
 
 KS = (2, 3, 10, 40)
 LEARNING_RATE = 1e-4
@@ -134,10 +138,20 @@ PEER_AGGREGATORS = {
 # ----------------------------------------------------------------------------- data and steps
 
 
+MODELS = {"mlp": mlp, "conv": conv_net}
+
+
+def init_params(args, k):
+  if args.model == "conv":
+    return conv_net.init_params(jax.random.key(0), args.width, args.depth, k, args.head_dim)
+  return mlp.init_params(jax.random.key(0), args.features, args.width, args.depth, k, args.head_dim)
+
+
 def make_batches(args, k):
   """A few different batches, rotated over the steps so every step sees a new Gram."""
   rng = np.random.default_rng(k)
-  return [(rng.normal(size=(args.batch, args.features)).astype(np.float32),
+  shape = (args.image_size, args.image_size, conv_net.CHANNELS_IN) if args.model == "conv" else (args.features,)
+  return [(rng.normal(size=(args.batch, *shape)).astype(np.float32),
            rng.normal(size=(args.batch, k, args.head_dim)).astype(np.float32))
           for _ in range(args.num_batches)]
 
@@ -153,11 +167,11 @@ def apply_step(tx, grads_of):
   return step
 
 
-def jacobian_grads(batch_size):
+def jacobian_grads(batch_size, model=mlp):
   return optax_mtl.value_and_jacobian(model.task_losses, batch_size=batch_size)
 
 
-def lazy_grads(batch_size):
+def lazy_grads(batch_size, model=mlp):
   def grads_of(params, x, y):
     grads = optax_mtl.task_gradients(model.task_losses, batch_size=batch_size)(params, x, y)
     return grads.losses, grads
@@ -165,7 +179,7 @@ def lazy_grads(batch_size):
   return grads_of
 
 
-def feature_grads(batch_size):
+def feature_grads(batch_size, model=mlp):
   def grads_of(params, x, y):
     grads = optax_mtl.feature_task_gradients(model.encoder, model.heads_losses, batch_size=batch_size)(params, x, y)
     return grads.losses, grads
@@ -173,7 +187,7 @@ def feature_grads(batch_size):
   return grads_of
 
 
-def sum_grad_step(adam):
+def sum_grad_step(adam, model=mlp):
   def step(params, opt_state, x, y):
     grads = jax.grad(lambda p: jnp.sum(model.task_losses(p, x, y)))(params)
     updates, opt_state = adam.update(grads, opt_state, params)
@@ -218,27 +232,28 @@ def per_step(timing, steps):
 def time_methods(args, k, params, batches):
   """Every method, the references and the cheap paths, in one round-robin."""
   adam, jit, batch_size = optax.adam(LEARNING_RATE), jitter(args), args.jacobian_batch_size
+  net = MODELS[args.model]
   calls, steps = {}, {}
   for name, (factory, path) in METHODS.items():
     tx = optax.chain(factory(k), adam)
-    grads_of = jacobian_grads(batch_size) if path == "jacobian" else lazy_grads(batch_size)
+    grads_of = jacobian_grads(batch_size, net) if path == "jacobian" else lazy_grads(batch_size, net)
     calls[name] = training_call(jit, apply_step(tx, grads_of), tx.init, params, batches)
   ls_on_jacobian = optax.chain(optax_mtl.linear_scalarization(k), adam)
   references = {
-      "sum_grad": training_call(jit, sum_grad_step(adam), adam.init, params, batches),
-      "ls_jacobian": training_call(jit, apply_step(ls_on_jacobian, jacobian_grads(batch_size)),
+      "sum_grad": training_call(jit, sum_grad_step(adam, net), adam.init, params, batches),
+      "ls_jacobian": training_call(jit, apply_step(ls_on_jacobian, jacobian_grads(batch_size, net)),
                                    ls_on_jacobian.init, params, batches),
   }
   cheap = {}
   for every in args.lazy_every:
     tx = optax.chain(optax_mtl.nash_mtl(k, shared=SHARED, update_weights_every=every), adam)
     name = f"task_gradients_nash_mtl_every_{every}"
-    cheap[name] = training_call(jit, apply_step(tx, lazy_grads(batch_size)), tx.init, params, batches,
+    cheap[name] = training_call(jit, apply_step(tx, lazy_grads(batch_size, net)), tx.init, params, batches,
                                 steps_per_call=every)
     steps[name] = every
   for method, factory in FEATURE_METHODS.items():
     tx = optax.chain(factory(k), adam)
-    cheap[f"feature_level_{method}"] = training_call(jit, apply_step(tx, feature_grads(batch_size)), tx.init, params,
+    cheap[f"feature_level_{method}"] = training_call(jit, apply_step(tx, feature_grads(batch_size, net)), tx.init, params,
                                                        batches)
   timings = common.time_interleaved({**calls, **references, **cheap}, repeats=args.repeats)
   for name, every in steps.items():
@@ -254,8 +269,9 @@ def time_breakdown(args, k, params, batches, method_timings):
   """Each stage of a Gram method's step, jitted and timed on its own (round-robin)."""
   adam, jit = optax.adam(LEARNING_RATE), jitter(args)
   x, y = (jnp.asarray(a) for a in batches[0])
-  backward = jit(jax.value_and_grad(lambda p, x, y: jnp.sum(model.task_losses(p, x, y))))
-  jacobian = jit(jacobian_grads(args.jacobian_batch_size))
+  net = MODELS[args.model]
+  backward = jit(jax.value_and_grad(lambda p, x, y: jnp.sum(net.task_losses(p, x, y))))
+  jacobian = jit(jacobian_grads(args.jacobian_batch_size, net))
   gram = jit(lambda jac: optax_mtl.gram(jac, mask=SHARED))
   combine = jit(optax_mtl.combine)
 
@@ -420,16 +436,19 @@ def peer_versions():
 
 
 def run(args) -> dict:
-  modules, peers_note = (None, "not run (--no-peers, the default with --tiny)") if not args.peers else import_peers()
+  modules, peers_note = ((None, "not run (--no-peers; the default with --tiny and --model conv)") if not args.peers
+                         else import_peers())
   if modules is not None:
     modules[0].set_num_threads(args.torch_threads)
   rows = []
   sizes = None
   for k in args.ks:
-    params = model.init_params(jax.random.key(0), args.features, args.width, args.depth, k, args.head_dim)
+    params = init_params(args, k)
     n_trunk = sum(p.size for p in jax.tree.leaves(params["trunk"]))
     n_heads = sum(p.size for p in jax.tree.leaves(params["heads"]))
-    sizes = sizes or {"ks": list(args.ks), "batch": args.batch, "features": args.features, "width": args.width,
+    sizes = sizes or {"model": args.model, "ks": list(args.ks), "batch": args.batch,
+                      "features": args.features if args.model == "mlp" else None,
+                      "image_size": args.image_size if args.model == "conv" else None, "width": args.width,
                       "depth": args.depth, "head_dim": args.head_dim, "trunk_params": int(n_trunk),
                       "head_params_per_task": int(n_heads // k)}
     batches = make_batches(args, k)
@@ -541,6 +560,10 @@ def parse(argv=None):
   parser.add_argument("--breakdown-ks", type=int, nargs="*", default=None, help="default: every K")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--features", type=int, default=256)
+  parser.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                      help="mlp: --depth dense layers of --width; conv: --depth stride-2 3x3 convolutions up to"
+                      " --width channels on --image-size RGB images, then a global average pool")
+  parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--depth", type=int, default=4)
   parser.add_argument("--head-dim", type=int, default=8)
@@ -563,11 +586,14 @@ def parse(argv=None):
   args.compiler_options = None
   if args.tiny:
     args.ks, args.batch, args.features, args.width, args.depth, args.head_dim = [3], 8, 8, 16, 2, 2
+    args.image_size = 8
     args.repeats, args.peer_repeats, args.num_batches = 2, 2, 2
     # Compilation is nearly all of a tiny run (about 30 jitted functions per K).
     args.compiler_options = {"xla_backend_optimization_level": 0}
+  if args.peers and args.model != "mlp":
+    parser.error("the PyTorch peers are written for --model mlp")
   if args.peers is None:
-    args.peers = not args.tiny
+    args.peers = not args.tiny and args.model == "mlp"
   if args.breakdown_ks is None:
     args.breakdown_ks = list(args.ks)
   return args
@@ -576,7 +602,8 @@ def parse(argv=None):
 def main(argv=None) -> dict:
   args = parse(argv)
   result = run(args)
-  path = common.write(result, args.out, f"train_step_{result['environment']['platform']}.json")
+  model = "" if args.model == "mlp" else f"{args.model}_"
+  path = common.write(result, args.out, f"train_step_{model}{result['environment']['platform']}.json")
   plot(result, path.with_suffix(".png"))
   print(f"wrote {path} and {path.with_suffix('.png')}")
   return result

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import scripts
 
 
@@ -41,13 +43,14 @@ def test_weight_solvers_writes_json_and_plot(tmp_path):
   assert out.with_suffix(".png").exists()
 
 
-def test_train_step_writes_json(tmp_path):
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_train_step_writes_json(tmp_path, model):
   import math
 
   out = tmp_path / "train_step.json"
-  load("train_step").main(["--tiny", "--out", str(out)])
+  load("train_step").main(["--tiny", "--model", model, "--out", str(out)])
   result = json.loads(out.read_text())
-  assert result["sizes"]["trunk_params"] > 0
+  assert result["sizes"]["trunk_params"] > 0 and result["sizes"]["model"] == model
   assert "note" in result["peers"]  # --tiny skips the PyTorch peers
 
   def check_timing(entry):

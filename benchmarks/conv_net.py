@@ -1,0 +1,50 @@
+"""The small convolutional trunk of ``train_step.py --model conv``, shared by ``K`` linear heads.
+
+``depth`` 3x3 convolutions with stride 2 (``SAME`` padding, ReLU), channels
+doubling up to ``width``, then a global average pool: the representation
+``z`` is ``(batch, width)`` and the heads are those of the MLP model
+(``gradient_paths.py``), one linear regression head per task. Inputs are
+``(batch, image_size, image_size, 3)`` images (NHWC).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+import gradient_paths
+
+CHANNELS_IN = 3
+heads_losses = gradient_paths.heads_losses
+is_shared = gradient_paths.is_shared
+
+
+def channels(width: int, depth: int) -> list[int]:
+  return [max(width >> (depth - 1 - i), 8) for i in range(depth)]
+
+
+def init_params(key, width, depth, num_tasks, head_dim):
+  keys = jax.random.split(key, depth + num_tasks)
+  trunk, fan_in = [], CHANNELS_IN
+  for i, out in enumerate(channels(width, depth)):
+    scale = 1.0 / jnp.sqrt(9.0 * fan_in)
+    trunk.append({"w": jax.random.normal(keys[i], (3, 3, fan_in, out)) * scale, "b": jnp.zeros((out,))})
+    fan_in = out
+  heads = [{"w": jax.random.normal(keys[depth + i], (width, head_dim)) / jnp.sqrt(width), "b": jnp.zeros((head_dim,))}
+           for i in range(num_tasks)]
+  return {"trunk": trunk, "heads": heads}
+
+
+def encoder(params, x, y):
+  del y
+  h = x
+  for layer in params["trunk"]:
+    h = lax.conv_general_dilated(h, layer["w"], window_strides=(2, 2), padding="SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.relu(h + layer["b"][None, None, None, :])
+  return jnp.mean(h, axis=(1, 2))
+
+
+def task_losses(params, x, y):
+  return heads_losses(params, encoder(params, x, y), x, y)
