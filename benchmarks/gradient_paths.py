@@ -6,8 +6,7 @@ aggregation, Adam) per path, timed round-robin in the same process:
 - ``ls``: one backward pass of ``sum_i L_i`` (the baseline, ratio 1);
 - ``jacobian``: ``value_and_jacobian(batch_size=K)`` (K vectorised backward
   passes on every backend), Gram, weighting, combine;
-- ``jacobian_chunked``: the same with ``batch_size=1`` (memory-bounded; the
-  library's default on CPU);
+- ``jacobian_chunked``: the same with ``batch_size=1`` (memory-bounded);
 - the lazy and feature-level paths use the default ``batch_size=None``;
 - ``lazy_refresh``: ``task_gradients`` on a refresh step (K backward passes
   for the trunk, one weighted pass for the heads);

@@ -19,8 +19,9 @@ compile it). Paths:
 - ``feature_level``: ``feature_task_gradients`` with MGDA-UB (the Jacobian of
   the features only).
 
-``cached`` and ``feature_level`` use the default ``batch_size=None``: one
-backward pass at a time on CPU, all at once on accelerators.
+``cached`` and ``feature_level`` use the default ``batch_size=None``
+(vectorised; the committed CPU results were taken while that default meant
+one backward pass at a time on CPU).
 
 Two numbers per path: ``compiled_peak_bytes``, from XLA's buffer assignment for
 the program (``Compiled.memory_analysis()``: arguments + outputs + temporaries

@@ -53,7 +53,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
 
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
-  python benchmarks/train_step.py --jacobian-batch-size 40  # vectorised backward passes on CPU too
+  python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
   python benchmarks/train_step.py --model conv --width 256 --depth 4   # the conv trunk (no peers)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
 
@@ -573,8 +573,7 @@ def parse(argv=None):
   parser.add_argument("--lazy-every", type=int, nargs="+", default=list(LAZY_EVERY))
   parser.add_argument("--jacobian-batch-size", type=int, default=None,
                       help="batch_size of value_and_jacobian / task_gradients / feature_task_gradients"
-                      " (default None: the library default, one at a time on CPU and vectorised on"
-                      " accelerators; >= K: vectorised)")
+                      " (default None: vectorised, the library default; 1: sequential)")
   parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                       help="time the PyTorch/TorchJD peers (default: on, off with --tiny)")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),

@@ -39,17 +39,8 @@ OtherWeights = Callable[[jax.Array], jax.Array] | None
 
 
 def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype) -> Any:
-  """``fn`` applied to the ``K`` unit cotangents, stacked on a leading axis.
-
-  ``batch_size=None`` picks by backend: vectorised on accelerators, one at a
-  time on CPU, where XLA lays the batched weight gradients out with extra
-  transposes and the vectorised backward passes ran about twice as slow as
-  sequential ones (K = 10, a 0.92M-parameter MLP: 14.3x vs 7.2x one backward
-  pass, ``benchmarks/gradient_paths.py``).
-  """
+  """``fn`` applied to the ``K`` unit cotangents, stacked on a leading axis."""
   eye = jnp.eye(num_tasks, dtype=dtype)
-  if batch_size is None and jax.default_backend() == "cpu":
-    batch_size = 1
   if batch_size is None or batch_size >= num_tasks:
     return jax.vmap(fn)(eye)
   return lax.map(fn, eye, batch_size=batch_size)
@@ -378,13 +369,14 @@ def value_and_jacobian(
       to ``params`` only.
     has_aux: whether ``fun`` returns ``(losses, aux)``.
     batch_size: how many of the ``K`` backward passes run at once. ``None``
-      (default): all of them, vectorised with :func:`jax.vmap`, on GPU and
-      TPU, and one at a time on CPU, where XLA:CPU runs vectorised backward
-      passes about twice as slow as sequential ones. An int runs them with
-      :func:`jax.lax.map` that many at a time (``1``: sequentially; ``>= K``:
-      all at once, vectorised, on any backend), which bounds the memory of the
-      backward pass to ``batch_size`` copies of its intermediates. Every
-      choice gives the same result.
+      (default) or ``>= K``: all of them, vectorised with :func:`jax.vmap`.
+      An int runs them with :func:`jax.lax.map` that many at a time (``1``:
+      sequentially), which bounds the memory of the backward pass to
+      ``batch_size`` copies of its intermediates. Every choice gives the same
+      result. Speed depends on the model and backend: on XLA:CPU an MLP's
+      sequential backward passes ran about twice as fast as vectorised ones,
+      while a conv net's ran 18 times slower (convolutions inside a loop body
+      lose XLA:CPU's fast path), hence the vectorised default.
 
   Returns:
     A function ``(params, *args) -> (value, jac)`` where ``value`` is what
