@@ -31,9 +31,7 @@ def init_params(key, width, depth, num_tasks, head_dim):
     scale = 1.0 / jnp.sqrt(9.0 * fan_in)
     trunk.append({"w": jax.random.normal(keys[i], (3, 3, fan_in, out)) * scale, "b": jnp.zeros((out,))})
     fan_in = out
-  heads = [{"w": jax.random.normal(keys[depth + i], (width, head_dim)) / jnp.sqrt(width), "b": jnp.zeros((head_dim,))}
-           for i in range(num_tasks)]
-  return {"trunk": trunk, "heads": heads}
+  return {"trunk": trunk, "heads": gradient_paths.init_heads(keys[depth:], width, head_dim)}
 
 
 def encoder(params, x, y):

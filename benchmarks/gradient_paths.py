@@ -48,9 +48,13 @@ def init_params(key, features, width, depth, num_tasks, head_dim):
   for i in range(depth):
     trunk.append({"w": jax.random.normal(keys[i], (fan_in, width)) / jnp.sqrt(fan_in), "b": jnp.zeros((width,))})
     fan_in = width
-  heads = [{"w": jax.random.normal(keys[depth + i], (width, head_dim)) / jnp.sqrt(width), "b": jnp.zeros((head_dim,))}
-           for i in range(num_tasks)]
-  return {"trunk": trunk, "heads": heads}
+  return {"trunk": trunk, "heads": init_heads(keys[depth:], width, head_dim)}
+
+
+def init_heads(keys, width, head_dim):
+  """One linear head per key on a ``(batch, width)`` representation (shared with ``conv_net.py``)."""
+  return [{"w": jax.random.normal(key, (width, head_dim)) / jnp.sqrt(width), "b": jnp.zeros((head_dim,))}
+          for key in keys]
 
 
 def encoder(params, x, y):
