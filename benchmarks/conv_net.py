@@ -17,6 +17,7 @@ import gradient_paths
 
 CHANNELS_IN = 3
 heads_losses = gradient_paths.heads_losses
+heads_losses_per_task = gradient_paths.heads_losses_per_task
 is_shared = gradient_paths.is_shared
 
 

@@ -66,8 +66,14 @@ def encoder(params, x, y):
 
 
 def heads_losses(params, z, x, y):
+  return heads_losses_per_task(params, [z] * len(params["heads"]), x, y)
+
+
+def heads_losses_per_task(params, zs, x, y):
+  """The heads of ``feature_task_gradients(..., per_task_heads=K)``: head ``i`` reads ``zs[i]`` only."""
   del x
-  losses = [jnp.mean((z @ head["w"] + head["b"][None, :] - y[:, i, :]) ** 2) for i, head in enumerate(params["heads"])]
+  losses = [jnp.mean((z @ head["w"] + head["b"][None, :] - y[:, i, :]) ** 2)
+            for i, (z, head) in enumerate(zip(zs, params["heads"]))]
   return jnp.stack(losses)
 
 

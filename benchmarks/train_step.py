@@ -33,7 +33,9 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   ``task_gradients`` with ``update_weights_every = k`` for k in 1, 5, 50 (the
   mean step over a cycle of k consecutive jitted calls: one refresh with K
   backward passes, k - 1 cached steps with one), and the feature-level step
-  (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB).
+  (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB), with the heads as
+  one function of ``z`` (K backward passes through all K heads) and with
+  ``per_task_heads=K`` (``*_per_task_heads``: one backward pass of the heads).
 - **peers** (optional; PyTorch on CPU, float32, ``torch.set_num_threads`` = the
   core count, the same initial weights and batches): a plain ``sum(losses)
   .backward()`` step; TorchJD 0.18 ``mtl_backward`` + ``jac_to_grad`` with
@@ -56,6 +58,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
   python benchmarks/train_step.py --model conv --width 256 --depth 4   # the conv trunk (no peers)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
+  python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
 
 PyTorch and TorchJD are optional (``pip install torch==2.13.0
 "torchjd[nash_mtl]==0.18.0"``); without them the peers are skipped with a note.
@@ -179,9 +182,13 @@ def lazy_grads(batch_size, model=mlp):
   return grads_of
 
 
-def feature_grads(batch_size, model=mlp):
+def feature_grads(batch_size, model=mlp, per_task_heads=None):
+  heads = model.heads_losses if per_task_heads is None else model.heads_losses_per_task
+  grads_fn = optax_mtl.feature_task_gradients(model.encoder, heads, batch_size=batch_size,
+                                              per_task_heads=per_task_heads)
+
   def grads_of(params, x, y):
-    grads = optax_mtl.feature_task_gradients(model.encoder, model.heads_losses, batch_size=batch_size)(params, x, y)
+    grads = grads_fn(params, x, y)
     return grads.losses, grads
 
   return grads_of
@@ -252,12 +259,17 @@ def time_methods(args, k, params, batches):
                                 steps_per_call=every)
     steps[name] = every
   for method, factory in FEATURE_METHODS.items():
-    tx = optax.chain(factory(k), adam)
-    cheap[f"feature_level_{method}"] = training_call(jit, apply_step(tx, feature_grads(batch_size, net)), tx.init, params,
-                                                       batches)
+    for suffix, per_task_heads in (("", None), ("_per_task_heads", k)):
+      tx = optax.chain(factory(k), adam)
+      cheap[f"feature_level_{method}{suffix}"] = training_call(
+          jit, apply_step(tx, feature_grads(batch_size, net, per_task_heads)), tx.init, params, batches)
+  if args.only:
+    keep = lambda group: {name: call for name, call in group.items() if name in args.only or name == BASELINE}
+    calls, references, cheap = keep(calls), keep(references), keep(cheap)
   timings = common.time_interleaved({**calls, **references, **cheap}, repeats=args.repeats)
   for name, every in steps.items():
-    timings[name] = per_step(timings[name], every)
+    if name in timings:
+      timings[name] = per_step(timings[name], every)
   baseline = timings[BASELINE]["median_ms"]
   for entry in timings.values():
     entry["ratio_to_ls"] = entry["median_ms"] / baseline
@@ -482,6 +494,7 @@ def run(args) -> dict:
           "optimizer": f"adam({LEARNING_RATE})",
           "jacobian_batch_size": args.jacobian_batch_size,
           "repeats": args.repeats, "peer_repeats": args.peer_repeats, "batches_rotated": args.num_batches,
+          "only": args.only,
           "paths": {name: path for name, (_, path) in METHODS.items()},
           "shared": "trunk (Gram methods' shared=); heads task-specific",
           "timing": ("median/min/max ms per train step after compilation, round-robin over the variants of"
@@ -580,6 +593,8 @@ def parse(argv=None):
                       help="torch.set_num_threads for the peers (default: the core count)")
   parser.add_argument("--tiny", action="store_true",
                       help="smoke-test sizes, compiled without XLA's backend optimisations (timings meaningless)")
+  parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                      help="time only these methods, references and cheap paths (LS always); no breakdown or peers")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   args.compiler_options = None
@@ -591,10 +606,12 @@ def parse(argv=None):
     args.compiler_options = {"xla_backend_optimization_level": 0}
   if args.peers and args.model != "mlp":
     parser.error("the PyTorch peers are written for --model mlp")
+  if args.peers and args.only:
+    parser.error("--only times a subset of our step; the peers compare with every method")
   if args.peers is None:
-    args.peers = not args.tiny and args.model == "mlp"
+    args.peers = not args.tiny and args.model == "mlp" and not args.only
   if args.breakdown_ks is None:
-    args.breakdown_ks = list(args.ks)
+    args.breakdown_ks = [] if args.only else list(args.ks)
   return args
 
 

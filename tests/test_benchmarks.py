@@ -71,6 +71,8 @@ def test_train_step_writes_json(tmp_path, model):
         check_timing(entry)
     assert {f"task_gradients_nash_mtl_every_{k}" for k in (1, 5, 50)} <= set(row["cheap_paths"])
     assert row["cheap_paths"]["task_gradients_nash_mtl_every_50"]["steps_per_call"] == 50
+    assert {f"feature_level_{m}{s}" for m in ("mgda", "aligned_mtl") for s in ("", "_per_task_heads")} <= set(
+        row["cheap_paths"])
     breakdown = row["breakdown"]
     assert set(breakdown["methods"]) == {"linear_scalarization", "nash_mtl", "mgda", "upgrad", "cagrad"}
     for name, stages in breakdown["methods"].items():

@@ -258,15 +258,18 @@ def weighted_aggregation(
         new_updates = grads.weighted_update(weights, flags, other_weights)
       return new_updates, weights, weighting_state
 
-    def reuse(weighting_state):
-      new_updates = grads.weighted_update(state.weights, flags, other_weights)
-      return new_updates, state.weights, weighting_state
-
     if static_every == 1:
       new_updates, weights, weighting_state = refresh(state.weighting_state)
     else:
+      # Only the weights are chosen under the cond; the weighted backward pass
+      # runs after it, in the step's own computation. XLA:CPU leaves the
+      # gradient convolutions inside a conditional branch in a layout its
+      # fast convolution path does not take (a conv net's backward pass ran
+      # 8x slower there), which made the cached steps cost a refresh.
       due = state.count % update_weights_every == 0
-      new_updates, weights, weighting_state = lax.cond(due, refresh, reuse, state.weighting_state)
+      weights, weighting_state = lax.cond(
+          due, lambda ws: refresh(ws)[1:], lambda ws: (state.weights, ws), state.weighting_state)
+      new_updates = grads.weighted_update(weights, flags, other_weights)
 
     if postprocess is not None:
       new_updates = postprocess(new_updates, flags)

@@ -23,6 +23,7 @@ All three are consumed by every ``optax_mtl`` transform through the same
 from __future__ import annotations
 
 import abc
+import functools
 from typing import Any, Callable
 
 import jax
@@ -310,10 +311,11 @@ class VJPTaskGradients(_LazyTaskGradients):
 class FeatureTaskGradients(_LazyTaskGradients):
   """Per-task gradients with respect to a shared representation ``z``."""
 
-  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size, representation):
+  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size, representation, per_task_heads):
     super().__init__(losses, aux, params, batch_size)
     self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
     self._z = representation
+    self._per_task_heads = per_task_heads
 
   def representation(self):
     return self.jacobian(), jax.tree.map(jnp.sign, self._z)
@@ -327,6 +329,12 @@ class FeatureTaskGradients(_LazyTaskGradients):
 
   def jacobian(self):
     """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
+    if self._per_task_heads:
+      # Loss i reads only copy i of z, so the gradient of the summed losses
+      # with respect to the K copies holds every task's gradient: one backward
+      # pass of the heads, not K.
+      copies = self._heads_vjp(jnp.ones_like(self.losses))[1]
+      return jax.tree.map(lambda *leaves: jnp.stack(leaves), *copies)
     return self._map_cotangents(lambda c: self._heads_vjp(c)[1])
 
   def gram_and_update(self, flags, solve, other_weights=None):
@@ -334,10 +342,21 @@ class FeatureTaskGradients(_LazyTaskGradients):
     # parameters; the shared mask only tells which leaves take other_weights.
     jac_z = self.jacobian()
     weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks))
+    if flags is None or other_weights is None or all(flags):
+      # The encoder's cotangent from the representation gradients at hand:
+      # one contraction instead of a weighted pass back through the heads.
+      return self._update(weights, gram_lib.combine(weights, jac_z)), (weights, out)
     return self.weighted_update(weights, flags, other_weights), (weights, out)
 
   def full_update(self, weights):
-    head_grads, z_cotangent = self._heads_vjp(weights.astype(self.losses.dtype))
+    return self._update(weights)
+
+  def _update(self, weights, z_cotangent=None):
+    head_grads, heads_z_cotangent = self._heads_vjp(weights.astype(self.losses.dtype))
+    if z_cotangent is None:
+      z_cotangent = heads_z_cotangent
+      if self._per_task_heads:
+        z_cotangent = jax.tree.map(lambda *leaves: functools.reduce(jnp.add, leaves), *z_cotangent)
     (encoder_grads,) = self._encoder_vjp(z_cotangent)
     return jax.tree.map(jnp.add, head_grads, encoder_grads)
 
@@ -473,6 +492,7 @@ def feature_task_gradients(
     *,
     has_aux: bool = False,
     batch_size: int | None = None,
+    per_task_heads: int | None = None,
 ) -> Callable[..., TaskGradients]:
   r"""Feature-level task gradients: the Gram of :math:`\partial L_i / \partial z`.
 
@@ -496,9 +516,36 @@ def feature_task_gradients(
     has_aux: whether ``heads`` returns ``(losses, aux)``.
     batch_size: as in :func:`value_and_jacobian`, for the ``K`` backward
       passes through the heads.
+    per_task_heads: ``None`` (default), or ``K`` for heads that are separate
+      per task. Reverse mode cannot know that head ``i`` reads only what task
+      ``i`` needs, so each of the ``K`` backward passes through ``heads``
+      runs through all ``K`` heads: ``K^2`` head backward passes, which
+      dominate the step when ``K`` is large (40 linear heads on a 0.92M MLP
+      trunk: 5.9x the step of linear scalarization). With
+      ``per_task_heads=K``, ``heads`` is called as ``heads(params, zs, *args)``
+      where ``zs`` is a list of ``K`` copies of ``z``, and loss ``i`` must
+      read the representation only through ``zs[i]``: a list comprehension
+      over separate heads, or ``jax.vmap`` of one head over stacked head
+      parameters and ``jnp.stack(zs)``. Then one backward pass of the heads
+      gives all ``K`` representation gradients, and ``batch_size`` does not
+      enter. A loss that reads another task's copy is not detected and makes
+      the Gram wrong.
 
   Returns:
     A function ``(params, *args) -> TaskGradients``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_mtl
+    >>> encoder = lambda p, x, y: jnp.tanh(x @ p["trunk"])
+    >>> head = lambda w, z, y: jnp.mean((z @ w - y) ** 2)
+    >>> heads = lambda p, zs, x, y: jax.vmap(head)(p["heads"], jnp.stack(zs), y)
+    >>> params = {"trunk": jnp.ones((3, 4)) / 3, "heads": jnp.ones((2, 4))}
+    >>> x, y = jnp.ones((5, 3)), jnp.stack([jnp.zeros(5), jnp.ones(5)])
+    >>> grads = optax_mtl.feature_task_gradients(encoder, heads, per_task_heads=2)(params, x, y)
+    >>> tx = optax_mtl.mgda(2)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'heads': (2, 4), 'trunk': (3, 4)}
 
   References:
     Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
@@ -508,15 +555,31 @@ def feature_task_gradients(
     <https://arxiv.org/abs/2305.19000>`_, CVPR 2023.
   """
   _check_batch_size(batch_size)
+  if per_task_heads is not None and (
+      isinstance(per_task_heads, bool) or not isinstance(per_task_heads, int) or per_task_heads < 1
+  ):
+    raise ValueError(f"per_task_heads must be None or a positive int (the number of tasks), got {per_task_heads!r}.")
 
   def wrapped(params, *args):
     z, encoder_vjp = jax.vjp(lambda p: encoder(p, *args), params)
+    heads_input = z
+    if per_task_heads is not None:
+      # A list, not a stacked array: the transpose of indexing a stacked
+      # array is a zero-padded full-size array per task, K^2 memory traffic.
+      heads_input = [z] * per_task_heads
     closed = lambda p, rep: heads(p, rep, *args)
     if has_aux:
-      losses, heads_vjp, aux = jax.vjp(closed, params, z, has_aux=True)
+      losses, heads_vjp, aux = jax.vjp(closed, params, heads_input, has_aux=True)
     else:
-      (losses, heads_vjp), aux = jax.vjp(closed, params, z), None
+      (losses, heads_vjp), aux = jax.vjp(closed, params, heads_input), None
     _check_loss_vector(losses, has_aux)
-    return FeatureTaskGradients(losses, aux, encoder_vjp, heads_vjp, params, batch_size, z)
+    if per_task_heads is not None and losses.shape != (per_task_heads,):
+      raise ValueError(
+          f"heads returned losses of shape {losses.shape} but per_task_heads={per_task_heads}:"
+          " the heads must give one loss per copy of the representation."
+      )
+    return FeatureTaskGradients(
+        losses, aux, encoder_vjp, heads_vjp, params, batch_size, z, per_task_heads is not None
+    )
 
   return wrapped
