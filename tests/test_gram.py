@@ -35,6 +35,19 @@ def test_gram_matches_float64_reference(case):
   np.testing.assert_array_equal(m, m.T)
 
 
+@pytest.mark.parametrize("columns", [2 * 16384, 3 * 16384 + 5, 16384 + 7])
+def test_wide_leaves_blocked_gram_matches_float64(columns):
+  """Leaves wide enough for the blocked CPU contraction (blocks of 16384 columns, and a remainder)."""
+  rng = np.random.default_rng(columns)
+  k = 4
+  leaf = rng.normal(size=(k, columns)).astype(np.float32) * np.logspace(0, 3, k)[:, None].astype(np.float32)
+  jac = {"flat": jnp.asarray(leaf), "shaped": jnp.asarray(leaf[:, : columns - columns % 8].reshape(k, 8, -1))}
+  expected = sum(np.asarray(x, np.float64).reshape(k, -1) @ np.asarray(x, np.float64).reshape(k, -1).T
+                 for x in jax.tree.leaves(jac))
+  for fn in (optax_mtl.gram, jax.jit(optax_mtl.gram)):
+    np.testing.assert_allclose(fn(jac), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
 def test_gram_sums_leaves_and_respects_mask():
   rng = np.random.default_rng(0)
   tree = {"a": rng.normal(size=(3, 4, 2)).astype(np.float32), "b": rng.normal(size=(3, 5)).astype(np.float32)}

@@ -41,23 +41,51 @@ def _replicated_out_sharding(leaf):
   return None
 
 
-def _flattens_freely(leaf) -> bool:
-  """Whether contracting ``leaf`` as a ``(K, -1)`` matrix is safe and worth it.
+def _plain_cpu(leaf) -> bool:
+  """Whether ``leaf`` lives unsharded on XLA:CPU, where its Gram takes the matrix paths below.
 
-  XLA:CPU runs a contraction over several axes about 2.7 times slower than
-  the same contraction over one merged axis (39 vs 14.5 ms for four
-  ``(10, 512, 512)`` leaves). Merging is a free bitcast for an unsharded
-  row-major leaf, but it could make the partitioner move a leaf sharded on
-  a minor axis, so leaves under a mesh keep their axes (accelerators merge
+  Merging the non-task axes is a free bitcast for an unsharded row-major
+  leaf, but it could make the partitioner move a leaf sharded on a minor
+  axis, so leaves under a mesh keep their axes (accelerators merge
   contiguous contracting axes themselves).
   """
-  return (leaf.ndim > 2 and jax.default_backend() == "cpu" and jax.typeof(leaf).sharding.mesh.empty
+  return (jax.default_backend() == "cpu" and jax.typeof(leaf).sharding.mesh.empty
           and not isinstance(getattr(leaf, "sharding", None), NamedSharding))
 
 
+# Columns per block of the blocked CPU Gram: a (K, 16384) float32 block is
+# 640 KiB at K = 10, so each block's product runs from cache.
+_CPU_GRAM_BLOCK = 16384
+
+
+def _cpu_matrix_gram(matrix: jax.Array, dtype) -> jax.Array:
+  """``matrix @ matrix.T`` for a ``(K, n)`` matrix on XLA:CPU.
+
+  XLA:CPU contracts a short-and-wide ``(K, n)`` matrix with itself at about
+  4 GFLOP/s (162 ms for ``K = 10``, ``n = 3.2M``, where OpenBLAS takes 23
+  ms) and a contraction over several axes 2.7 times slower still (39 vs 14.5
+  ms for four ``(10, 512, 512)`` leaves). Summing the products of column
+  blocks in a loop took 34 ms for the same matrix.
+  """
+  dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                                  preferred_element_type=dtype)
+  k, n = matrix.shape
+  blocks = n // _CPU_GRAM_BLOCK
+  if blocks < 2:
+    return dot(matrix)
+
+  def add_block(i, total):
+    return total + dot(lax.dynamic_slice_in_dim(matrix, i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK, axis=1))
+
+  total = lax.fori_loop(0, blocks, add_block, jnp.zeros((k, k), dtype))
+  if n > blocks * _CPU_GRAM_BLOCK:
+    total = total + dot(matrix[:, blocks * _CPU_GRAM_BLOCK:])
+  return total
+
+
 def _leaf_gram(leaf: jax.Array, dtype) -> jax.Array:
-  if _flattens_freely(leaf):
-    leaf = leaf.reshape(leaf.shape[0], -1)
+  if leaf.ndim > 1 and _plain_cpu(leaf):
+    return _cpu_matrix_gram(leaf.reshape(leaf.shape[0], -1), dtype)
   axes = tuple(range(1, leaf.ndim))
   # HIGHEST: accelerators would otherwise round float32 inputs to TF32/bf16.
   return lax.dot_general(
@@ -80,7 +108,9 @@ def gram(per_task_grads: PyTree, mask: PyTree | None = None) -> jax.Array:
   :func:`jax.lax.dot_general` at ``Precision.HIGHEST``, accumulating in
   float32 (float64 for float64 leaves) also for bf16/f16 gradients, and the
   ``K x K`` results are summed over leaves. On parameters sharded over a mesh (Explicit
-  or Auto axes) this lowers to local contractions plus one all-reduce.
+  or Auto axes) this lowers to local contractions plus one all-reduce. On XLA:CPU an unsharded
+  leaf is contracted as a ``(K, n)`` matrix, in blocks of 16384 columns when it
+  is wide (4.4x faster for a ``(10, 3.2M)`` leaf).
 
   Args:
     per_task_grads: pytree of per-task gradients, every leaf ``(K, ...)``.

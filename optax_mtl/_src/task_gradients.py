@@ -433,7 +433,13 @@ def task_gradients(
 
   - on steps where the weights are recomputed: ``K`` backward passes (the
     Jacobian of the shared leaves only, with ``shared=``; the task-specific
-    leaves come from one weighted backward pass);
+    leaves come from one weighted backward pass). With
+    ``update_weights_every > 1`` the update on these steps is the one
+    weighted backward pass of all leaves, as on the other steps: the
+    ``lax.cond`` chooses only the weights, so that no backward pass runs in
+    a conditional branch (XLA:CPU compiles a conv net's gradient there 8x
+    slower, jax#12868). The ``K`` backward passes of a refresh still run in
+    the branch, so on XLA:CPU a conv net's refresh steps are that much slower;
   - on steps that reuse the last weights (``update_weights_every > 1``) and
     for methods that ignore the Gram (linear scalarization): one backward pass
     of :math:`\sum_i w_i L_i`.
