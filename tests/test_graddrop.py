@@ -76,3 +76,26 @@ def test_feature_level_drops_signed_representation_gradients():
   np.testing.assert_allclose(updates["trunk"]["w"], expected_trunk["w"], rtol=1e-5, atol=1e-7)
   plain_heads = jax.grad(lambda p: jnp.sum(heads(p, z, x, y)))(params)["heads"]
   np.testing.assert_allclose(updates["heads"]["task1"], plain_heads["task1"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [3, 7])  # unrolled over tasks, and a loop over tasks
+def test_drop_matches_the_formula_with_signs_leaks_and_kept_mass(k):
+  rng = np.random.default_rng(k)
+  shapes = {"a": (4, 5, 3), "b": (6,)}
+  grads = {n: rng.normal(size=(k,) + s) for n, s in shapes.items()}
+  signs = {n: np.sign(rng.normal(size=s)) for n, s in shapes.items()}
+  uniforms = {n: rng.uniform(size=s) for n, s in shapes.items()}
+  leak = rng.uniform(size=k)
+  with jax.enable_x64(True):
+    out, kept = graddrop_lib.drop(jax.tree.map(jnp.asarray, grads), jax.tree.map(jnp.asarray, uniforms),
+                                  leak=jnp.asarray(leak), signs=jax.tree.map(jnp.asarray, signs))
+  kept_mass, mass = np.zeros(k), np.zeros(k)
+  for n, g in grads.items():
+    s = g * signs[n][None]
+    p = 0.5 * (1 + s.sum(0) / np.abs(s).sum(0))
+    mask = ((p > uniforms[n])[None] & (s > 0)) | ((p < uniforms[n])[None] & (s < 0))
+    multipliers = leak.reshape((k,) + (1,) * len(shapes[n])) + (1 - leak.reshape((k,) + (1,) * len(shapes[n]))) * mask
+    np.testing.assert_allclose(out[n], (multipliers * g).sum(0), rtol=1e-12, atol=1e-12)
+    kept_mass += (multipliers * np.abs(g)).reshape(k, -1).sum(1)
+    mass += np.abs(g).reshape(k, -1).sum(1)
+  np.testing.assert_allclose(kept, kept_mass / mass, rtol=1e-12)

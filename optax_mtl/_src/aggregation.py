@@ -267,8 +267,12 @@ def weighted_aggregation(
       # fast convolution path does not take (a conv net's backward pass ran
       # 8x slower there), which made the cached steps cost a refresh.
       due = state.count % update_weights_every == 0
+
+      def refresh_weights(weighting_state):
+        return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)
+
       weights, weighting_state = lax.cond(
-          due, lambda ws: refresh(ws)[1:], lambda ws: (state.weights, ws), state.weighting_state)
+          due, refresh_weights, lambda ws: (state.weights, ws), state.weighting_state)
       new_updates = grads.weighted_update(weights, flags, other_weights)
 
     if postprocess is not None:

@@ -141,6 +141,32 @@ def gram_of_leaves(leaves: list, num_tasks: int) -> jax.Array:
   return total
 
 
+def task_sum(x: jax.Array, weights: jax.Array | None = None, *, dtype=None) -> jax.Array:
+  """:math:`\\sum_i w_i x_i` over the leading task axis of one ``(K, ...)`` array.
+
+  Accumulated in ``dtype`` (default: float32, float64 for float64 ``x``);
+  ``weights=None`` sums with unit weights. For small K the sum is unrolled:
+  XLA fuses it into one elementwise pass reading the K slices, where XLA:CPU
+  reduces a short leading axis some 40x slower (13 ms against 0.3 ms for
+  ``f32[10, 512, 512]``). Unrolling grows the program with K, so from
+  ``K > 16`` it is a dot with the weights instead.
+  """
+  dtype = accumulation_dtype(x.dtype) if dtype is None else dtype
+  k = x.shape[0]
+  w = jnp.ones((k,), dtype) if weights is None else weights.astype(dtype)
+  if k > _UNROLL_LIMIT:
+    return lax.dot_general(w, x.astype(dtype), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=dtype)
+  if weights is None:
+    terms = [x[i].astype(dtype) for i in range(k)]
+  else:
+    terms = [w[i] * x[i].astype(dtype) for i in range(k)]
+  total = terms[0]
+  for term in terms[1:]:
+    total = total + term
+  return total
+
+
 def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
   r"""The weighted sum over the task axis, :math:`d = J^\top w = \sum_i w_i g_i`.
 
@@ -166,18 +192,6 @@ def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
   def leaf_combine(g):
     g = jnp.asarray(g)
     dtype = accumulation_dtype(g.dtype, weights.dtype)
-    w = weights.astype(dtype)
-    if k > _UNROLL_LIMIT:
-      return lax.dot_general(w, g.astype(dtype), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
-                             preferred_element_type=dtype).astype(g.dtype)
-    # For small K, an unrolled sum over the task axis: XLA fuses it into one
-    # elementwise pass reading the K slices (several times faster on CPU than
-    # a reduction over the strided leading axis), accumulating in float32
-    # for low-precision leaves. Unrolling grows the program with K x leaves,
-    # hence the limit.
-    total = w[0] * g[0].astype(dtype)
-    for i in range(1, k):
-      total = total + w[i] * g[i].astype(dtype)
-    return total.astype(g.dtype)
+    return task_sum(g, weights.astype(dtype), dtype=dtype).astype(g.dtype)
 
   return jax.tree.map(leaf_combine, per_task_grads)

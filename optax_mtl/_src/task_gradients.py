@@ -126,6 +126,14 @@ class TaskGradients(abc.ABC):
     """``J^T w`` on every leaf: with a lazy object, one backward pass of ``sum_i w_i L_i``."""
 
   @abc.abstractmethod
+  def gram(self, flags: list[bool] | None) -> jax.Array:
+    """The ``(K, K)`` Gram ``M`` of the shared part, without an update.
+
+    What a step that only refreshes weights needs; :meth:`gram_and_update`
+    builds the same ``M`` and reuses its gradients for the update.
+    """
+
+  @abc.abstractmethod
   def gram_and_update(
       self, flags: list[bool] | None, solve: Solve, other_weights: OtherWeights = None
   ) -> tuple[PyTree, Any]:
@@ -180,9 +188,11 @@ class JacobianTree(TaskGradients):
     ]
     return jax.tree.unflatten(jax.tree.structure(self.jac), leaves)
 
+  def gram(self, flags):
+    return gram_lib.gram_of_leaves(shared_lib.selected_leaves(self.jac, flags), self.num_tasks)
+
   def gram_and_update(self, flags, solve, other_weights=None):
-    m = gram_lib.gram_of_leaves(shared_lib.selected_leaves(self.jac, flags), self.num_tasks)
-    weights, out = solve(m)
+    weights, out = solve(self.gram(flags))
     return self.weighted_update(weights, flags, other_weights), (weights, out)
 
 
@@ -266,6 +276,17 @@ class VJPTaskGradients(_LazyTaskGradients):
   def full_update(self, weights):
     return self._vjp(weights.astype(self.losses.dtype))
 
+  def _shared_jacobian(self, flags):
+    # Only the shared leaves' Jacobian is formed; XLA prunes the rest of the
+    # vmapped backward pass.
+    return self._map_cotangents(lambda c: _select(self._vjp(c), flags, True))
+
+  def gram(self, flags):
+    if not self._store_jacobian:
+      return self._streamed_gram(flags)
+    leaves = jax.tree.leaves(self.jacobian()) if flags is None else self._shared_jacobian(flags)
+    return gram_lib.gram_of_leaves(leaves, self.num_tasks)
+
   def gram_and_update(self, flags, solve, other_weights=None):
     if not self._store_jacobian:
       weights, out = solve(self._streamed_gram(flags))
@@ -275,10 +296,9 @@ class VJPTaskGradients(_LazyTaskGradients):
       jac = self.jacobian()
       weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac), k))
       return gram_lib.combine(weights, jac), (weights, out)
-    # Only the shared leaves' Jacobian is formed; XLA prunes the rest of the
-    # vmapped backward pass, and the task-specific leaves come from one
-    # weighted backward pass that never enters the shared trunk.
-    shared_jac = self._map_cotangents(lambda c: _select(self._vjp(c), flags, True))
+    # The task-specific leaves come from one weighted backward pass that
+    # never enters the shared trunk.
+    shared_jac = self._shared_jacobian(flags)
     weights, out = solve(gram_lib.gram_of_leaves(shared_jac, k))
     shared_updates = [gram_lib.combine(weights, g) for g in shared_jac]
     other_updates = []
@@ -337,9 +357,13 @@ class FeatureTaskGradients(_LazyTaskGradients):
       return jax.tree.map(lambda *leaves: jnp.stack(leaves), *copies)
     return self._map_cotangents(lambda c: self._heads_vjp(c)[1])
 
-  def gram_and_update(self, flags, solve, other_weights=None):
+  def gram(self, flags):
     # The Gram of the representation gradients replaces that of the shared
     # parameters; the shared mask only tells which leaves take other_weights.
+    del flags
+    return gram_lib.gram_of_leaves(jax.tree.leaves(self.jacobian()), self.num_tasks)
+
+  def gram_and_update(self, flags, solve, other_weights=None):
     jac_z = self.jacobian()
     weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks))
     if flags is None or other_weights is None or all(flags):
