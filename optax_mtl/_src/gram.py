@@ -157,13 +157,9 @@ def task_sum(x: jax.Array, weights: jax.Array | None = None, *, dtype=None) -> j
   if k > _UNROLL_LIMIT:
     return lax.dot_general(w, x.astype(dtype), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=dtype)
-  if weights is None:
-    terms = [x[i].astype(dtype) for i in range(k)]
-  else:
-    terms = [w[i] * x[i].astype(dtype) for i in range(k)]
-  total = terms[0]
-  for term in terms[1:]:
-    total = total + term
+  total = w[0] * x[0].astype(dtype)  # XLA folds the products by a constant 1
+  for i in range(1, k):
+    total = total + w[i] * x[i].astype(dtype)
   return total
 
 

@@ -289,7 +289,7 @@ class VJPTaskGradients(_LazyTaskGradients):
 
   def gram_and_update(self, flags, solve, other_weights=None):
     if not self._store_jacobian:
-      weights, out = solve(self._streamed_gram(flags))
+      weights, out = solve(self.gram(flags))
       return self.weighted_update(weights, flags, other_weights), (weights, out)
     k = self.num_tasks
     if flags is None:
