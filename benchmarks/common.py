@@ -45,11 +45,17 @@ def block(tree):
   return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict:
-  """Median/min/max seconds of each call, measured round-robin after compilation.
+def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                     settle: int = 1) -> dict:
+  """Median/min/max milliseconds of each call, measured round-robin after compilation.
 
   Interleaving the variants spreads slow drifts of the machine (other load,
-  frequency changes) over all of them instead of biasing one.
+  frequency changes) over all of them instead of biasing one. Each timed call
+  follows ``settle`` untimed calls of the same callable, because a call
+  right after a different, heavier one runs slower: on the 2-core CPU of the
+  committed results, LS's step at K = 40 took 44 ms right after a Nash-MTL step
+  and 26 ms right after a ``jax.grad`` step (medians of 10), so without
+  settling a ratio depended on the variant before it in the round.
   """
   for call in calls.values():
     for _ in range(warmup):
@@ -57,6 +63,8 @@ def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmu
   samples = {name: [] for name in calls}
   for _ in range(repeats):
     for name, call in calls.items():
+      for _ in range(settle):
+        block(call())
       start = time.perf_counter()
       block(call())
       samples[name].append(time.perf_counter() - start)
@@ -66,6 +74,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmu
           "min_ms": 1e3 * min(values),
           "max_ms": 1e3 * max(values),
           "repeats": len(values),
+          "settle_calls": settle,
       }
       for name, values in samples.items()
   }

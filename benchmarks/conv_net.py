@@ -35,6 +35,16 @@ def init_params(key, width, depth, num_tasks, head_dim):
   return {"trunk": trunk, "heads": gradient_paths.init_heads(keys[depth:], width, head_dim)}
 
 
+def init_for(sizes, num_tasks):
+  """``init_params`` at the sizes of ``train_step.py``'s command line (``width``, ``depth``, ...)."""
+  return init_params(jax.random.key(0), sizes.width, sizes.depth, num_tasks, sizes.head_dim)
+
+
+def input_shape(sizes):
+  """The shape of one example."""
+  return (sizes.image_size, sizes.image_size, CHANNELS_IN)
+
+
 def encoder(params, x, y):
   del y
   h = x

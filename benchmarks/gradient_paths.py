@@ -51,6 +51,16 @@ def init_params(key, features, width, depth, num_tasks, head_dim):
   return {"trunk": trunk, "heads": init_heads(keys[depth:], width, head_dim)}
 
 
+def init_for(sizes, num_tasks):
+  """``init_params`` at the sizes of ``train_step.py``'s command line (``features``, ``width``, ...)."""
+  return init_params(jax.random.key(0), sizes.features, sizes.width, sizes.depth, num_tasks, sizes.head_dim)
+
+
+def input_shape(sizes):
+  """The shape of one example."""
+  return (sizes.features,)
+
+
 def init_heads(keys, width, head_dim):
   """One linear head per key on a ``(batch, width)`` representation (shared with ``conv_net.py``)."""
   return [{"w": jax.random.normal(key, (width, head_dim)) / jnp.sqrt(width), "b": jnp.zeros((head_dim,))}

@@ -9,8 +9,9 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
 
 - **methods**: one jitted train step per method (per-task gradients, the
   transform, ``optax.adam``, ``optax.apply_updates``), timed round-robin with
-  ``common.time_interleaved``; median/min/max after compilation and the ratio of
-  medians to LS measured in the same round. Gram and full-gradient methods
+  ``common.time_interleaved`` (each timed call after one untimed call of the
+  same step, so a step is not timed right after a heavier one); median/min/max
+  after compilation and the ratio of medians to LS measured in the same round. Gram and full-gradient methods
   (Nash-MTL, MGDA, Aligned-MTL, CAGrad, IMTL-G, PCGrad, GradVac, GradDrop,
   UPGrad, DualProj, GradNorm) get their per-task gradients from
   ``value_and_jacobian`` (K backward passes); the methods that read only the
@@ -141,19 +142,14 @@ PEER_AGGREGATORS = {
 # ----------------------------------------------------------------------------- data and steps
 
 
+# Each model module has init_for(sizes, K), input_shape(sizes), encoder, task_losses and the heads.
 MODELS = {"mlp": mlp, "conv": conv_net}
-
-
-def init_params(args, k):
-  if args.model == "conv":
-    return conv_net.init_params(jax.random.key(0), args.width, args.depth, k, args.head_dim)
-  return mlp.init_params(jax.random.key(0), args.features, args.width, args.depth, k, args.head_dim)
 
 
 def make_batches(args, k):
   """A few different batches, rotated over the steps so every step sees a new Gram."""
   rng = np.random.default_rng(k)
-  shape = (args.image_size, args.image_size, conv_net.CHANNELS_IN) if args.model == "conv" else (args.features,)
+  shape = MODELS[args.model].input_shape(args)
   return [(rng.normal(size=(args.batch, *shape)).astype(np.float32),
            rng.normal(size=(args.batch, k, args.head_dim)).astype(np.float32))
           for _ in range(args.num_batches)]
@@ -455,12 +451,11 @@ def run(args) -> dict:
   rows = []
   sizes = None
   for k in args.ks:
-    params = init_params(args, k)
+    params = MODELS[args.model].init_for(args, k)
     n_trunk = sum(p.size for p in jax.tree.leaves(params["trunk"]))
     n_heads = sum(p.size for p in jax.tree.leaves(params["heads"]))
     sizes = sizes or {"model": args.model, "ks": list(args.ks), "batch": args.batch,
-                      "features": args.features if args.model == "mlp" else None,
-                      "image_size": args.image_size if args.model == "conv" else None, "width": args.width,
+                      "input_shape": list(MODELS[args.model].input_shape(args)), "width": args.width,
                       "depth": args.depth, "head_dim": args.head_dim, "trunk_params": int(n_trunk),
                       "head_params_per_task": int(n_heads // k)}
     batches = make_batches(args, k)

@@ -149,7 +149,6 @@ def torchjd_weightings(method: str, k: int):
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      import torch  # noqa: F401
       from torchjd import aggregation
   except ImportError:
     return None

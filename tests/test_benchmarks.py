@@ -96,3 +96,16 @@ def test_memory_writes_json(tmp_path):
   assert paths["streamed"]["temp_bytes"] < paths["jacobian"]["temp_bytes"]
   for entry in row["largest_trunk"].values():
     assert entry["width"] % 64 == 0 and entry["compiled_peak_bytes"] <= result["budget"]["bytes"]
+
+
+def test_compile_time_writes_json(tmp_path):
+  out = tmp_path / "compile_time.json"
+  load("compile_time").main(["--tiny", "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert [row["depth"] for row in result["rows"]] == [1, 3]
+  assert [row["leaves"] for row in result["rows"]] == [2 * 1 + 2 * 2, 2 * 3 + 2 * 2]
+  for row in result["rows"]:
+    assert set(row["steps"]) == set(load("compile_time").STEPS)
+    assert row["steps"]["sum_grad"]["ratio_to_sum_grad"] == 1.0
+    for entry in row["steps"].values():
+      assert entry["trace_s"] > 0 and entry["compile_s"] > 0 and entry["instructions"] > 0

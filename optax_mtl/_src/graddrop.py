@@ -215,8 +215,7 @@ def graddrop(
     new_updates = grads.backprop(combined)
     # A non-finite coordinate can be masked out of the combination: check the
     # input itself so that the step is skipped like every other method's.
-    finite_input = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(jac)]))
-    kept = jnp.where(finite_input, kept, jnp.nan).astype(state.weights.dtype)
+    kept = jnp.where(aggregation.all_finite(jac), kept, jnp.nan).astype(state.weights.dtype)
     return aggregation.finish_update(state, new_updates, kept, key_data, task_losses, "skip")
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
