@@ -2,8 +2,7 @@
 
 The model of ``gradient_paths.py`` made deep and narrow: an MLP trunk of
 ``depth`` layers of width 64 shared by ``K`` linear heads, so the tree has
-``2 depth + 2 K`` leaves, the count that matters here (a Flax ResNet-50 has
-about 320, a 24-layer transformer about 400). For each depth, each step is
+``2 depth + 2 K`` leaves, the count that matters here. For each depth, each step is
 built from scratch (``jax.clear_caches()``), lowered (``trace_s``: tracing and
 lowering to StableHLO) and compiled (``compile_s``: XLA); ``instructions`` is
 the number of HLO instructions in the compiled program and ``and_ops`` the

@@ -493,7 +493,7 @@ def run(args) -> dict:
           "paths": {name: path for name, (_, path) in METHODS.items()},
           "shared": "trunk (Gram methods' shared=); heads task-specific",
           "timing": ("median/min/max ms per train step after compilation, round-robin over the variants of"
-                     " one K; params and optimizer state carried over, batches rotated; cheap paths with"
+                     " one K, each timed call after an untimed call of the same step; params and optimizer state carried over, batches rotated; cheap paths with"
                      " steps_per_call > 1: a cycle of consecutive jitted calls divided by its length"),
           "ratio_to_ls": "median over the median of linear_scalarization (lazy path) in the same round",
           "speedup_of_ours": "peer median over the median of our step for the same method and K",
