@@ -50,18 +50,18 @@ import train_step  # noqa: E402  (the step builders shared with the timing bench
 LEARNING_RATE = 1e-4
 CACHED_EVERY = 50
 
-# name -> (factory num_tasks -> transform, gradient path); "sum_grad" has no transform.
+# name -> (factory num_tasks -> transform, gradient path), the train-step benchmark's where it has
+# the step; "sum_grad" has no transform.
 STEPS = {
     "sum_grad": (None, None),
-    "linear_scalarization": (lambda k: optax_mtl.linear_scalarization(k), "lazy"),
-    "nash_mtl": (lambda k: optax_mtl.nash_mtl(k, shared=train_step.SHARED), "jacobian"),
-    "mgda": (lambda k: optax_mtl.mgda(k, shared=train_step.SHARED), "jacobian"),
-    "upgrad": (lambda k: optax_mtl.upgrad(k, shared=train_step.SHARED), "jacobian"),
-    "graddrop": (lambda k: optax_mtl.graddrop(k, key=0, shared=train_step.SHARED), "jacobian"),
+    **{name: train_step.METHODS[name] for name in ("linear_scalarization", "nash_mtl", "mgda", "upgrad",
+                                                   "graddrop")},
     "nash_mtl_cached": (lambda k: optax_mtl.nash_mtl(k, shared=train_step.SHARED,
                                                      update_weights_every=CACHED_EVERY), "lazy"),
-    "feature_level_mgda": (lambda k: optax_mtl.mgda(k), "feature"),
+    "feature_level_mgda": (train_step.FEATURE_METHODS["mgda"], "feature"),
 }
+GRADIENT_PATHS = {"jacobian": train_step.jacobian_grads, "lazy": train_step.lazy_grads,
+                  "feature": train_step.feature_grads}
 
 
 def build(name: str, k: int):
@@ -71,10 +71,7 @@ def build(name: str, k: int):
   if factory is None:
     return train_step.sum_grad_step(adam), adam.init
   tx = optax.chain(factory(k), adam)
-  grads_of = {"jacobian": lambda: train_step.jacobian_grads(None),
-              "lazy": lambda: train_step.lazy_grads(None),
-              "feature": lambda: train_step.feature_grads(None)}[path]()
-  return train_step.apply_step(tx, grads_of), tx.init
+  return train_step.apply_step(tx, GRADIENT_PATHS[path](None)), tx.init
 
 
 def measure(name: str, k: int, params, x, y) -> dict:

@@ -11,9 +11,9 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   transform, ``optax.adam``, ``optax.apply_updates``), timed round-robin with
   ``common.time_interleaved`` (each timed call after one untimed call of the
   same step, so a step is not timed right after a heavier one); median/min/max
-  after compilation and the ratio of medians to LS measured in the same round. Gram and full-gradient methods
-  (Nash-MTL, MGDA, Aligned-MTL, CAGrad, IMTL-G, PCGrad, GradVac, GradDrop,
-  UPGrad, DualProj, GradNorm) get their per-task gradients from
+  after compilation and the ratio of medians to LS measured in the same round.
+  Gram and full-gradient methods (Nash-MTL, MGDA, Aligned-MTL, CAGrad, IMTL-G,
+  PCGrad, GradVac, GradDrop, UPGrad, DualProj, GradNorm) get their per-task gradients from
   ``value_and_jacobian`` (K backward passes); the methods that read only the
   losses or a key (LS, SI, RLW, DWA, UW) from the lazy ``task_gradients``
   (one backward pass), as they would be used. Every Gram method runs with
@@ -493,7 +493,8 @@ def run(args) -> dict:
           "paths": {name: path for name, (_, path) in METHODS.items()},
           "shared": "trunk (Gram methods' shared=); heads task-specific",
           "timing": ("median/min/max ms per train step after compilation, round-robin over the variants of"
-                     " one K, each timed call after an untimed call of the same step; params and optimizer state carried over, batches rotated; cheap paths with"
+                     " one K, each timed call after an untimed call of the same step; params and"
+                     " optimizer state carried over, batches rotated; cheap paths with"
                      " steps_per_call > 1: a cycle of consecutive jitted calls divided by its length"),
           "ratio_to_ls": "median over the median of linear_scalarization (lazy path) in the same round",
           "speedup_of_ours": "peer median over the median of our step for the same method and K",

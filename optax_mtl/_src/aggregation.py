@@ -106,9 +106,9 @@ def all_finite(tree) -> jax.Array:
   The non-finite policy reads it once per leaf of the update and of the
   optimizer's moments, so the program grew with leaves**2 (Nash-MTL on a
   200-leaf MLP: 83,000 ``and``s, 49 s to trace and compile instead of 12.5 s;
-  ``benchmarks/compile_time.py``). A square
-  root is an op XLA's fusion does not duplicate into several consumers, so
-  passing the count of non-finite leaves through one computes the flag once.
+  ``benchmarks/compile_time.py``). A square root is an op XLA's fusion does
+  not duplicate into several consumers, so passing the count of non-finite
+  leaves through one computes the flag once.
   """
   leaves = jax.tree.leaves(tree)
   if not leaves:
