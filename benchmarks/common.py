@@ -16,8 +16,14 @@ import jax
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
+# Process settings that change step times: glibc's allocator (whether XLA's per-step buffers are
+# mapped afresh and page-faulted in at every step, see the README's Performance), a preloaded
+# allocator, XLA's flags, and OpenMP's waiting (the PyTorch peers).
+_RECORDED_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "OMP_WAIT_POLICY")
+
+
 def environment() -> dict:
-  """Device kind and versions, recorded with every result."""
+  """Device kind, versions and the process settings that change timings, recorded with every result."""
   import jaxlib
   import numpy
   import optax
@@ -38,6 +44,7 @@ def environment() -> dict:
       "numpy": numpy.__version__,
       "optax_mtl": optax_mtl.__version__,
       "date": time.strftime("%Y-%m-%d"),
+      "process_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_RECORDED_ENV_PREFIXES)},
   }
 
 

@@ -11,12 +11,18 @@ def load(name):
   return scripts.load("benchmarks", name)
 
 
-def test_gradient_paths_writes_json(tmp_path):
+def test_gradient_paths_writes_json(tmp_path, monkeypatch):
+  monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "68719476736")
+  monkeypatch.setenv("OMP_NUM_THREADS_UNRELATED", "1")
   out = tmp_path / "gradient_paths.json"
   load("gradient_paths").main(["--tiny", "--out", str(out)])
   result = json.loads(out.read_text())
   assert result["environment"]["platform"] in ("cpu", "gpu", "tpu")
   assert {"jax", "optax", "device_kind", "optax_mtl"} <= set(result["environment"])
+  # The allocator settings that change CPU step times travel with the result; other variables do not.
+  process_env = result["environment"]["process_env"]
+  assert process_env["MALLOC_TRIM_THRESHOLD_"] == "68719476736"
+  assert "OMP_NUM_THREADS_UNRELATED" not in process_env
   expected = {"ls", "jacobian", "jacobian_chunked", "lazy_refresh", "streamed_gram", "cached", "feature_level"}
   assert set(result["results"]) == expected
   assert result["results"]["ls"]["ratio_to_ls"] == 1.0

@@ -177,3 +177,35 @@ def test_sharded_inputs_without_a_mesh_context_never_gather(spec):
   reference = np.einsum("iab,jab->ij", tree["w"].astype(np.float64), tree["w"].astype(np.float64))
   reference += tree["b"].astype(np.float64) @ tree["b"].T.astype(np.float64)
   np.testing.assert_allclose(gram_fn(sharded), reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("columns", [100, 2 * 16384, 3 * 16384 + 5])
+def test_task_trees_gram_and_combine_equal_the_stacked_ones(columns):
+  """K per-task trees given as a list (the feature level's per-task heads), narrow and blocked."""
+  from optax_mtl._src import gram as gram_lib
+
+  rng = np.random.default_rng(columns)
+  k = 4
+  scales = np.logspace(0, 3, k)
+  trees = [{"wide": jnp.asarray(rng.normal(size=(columns,)) * s, jnp.float32),
+            "matrix": jnp.asarray(rng.normal(size=(3, 5)) * s, jnp.float32),
+            "half": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16)} for s in scales]
+  stacked = jax.tree.map(lambda *rows: jnp.stack(rows), *trees)
+  flat = np.stack([np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(t)]) for t in trees])
+  weights = jnp.asarray(rng.uniform(0.1, 1.0, size=k), jnp.float32)
+  for gram_fn, combine_fn in ((gram_lib.gram_of_task_trees, gram_lib.combine_task_trees),
+                              (jax.jit(gram_lib.gram_of_task_trees), jax.jit(gram_lib.combine_task_trees))):
+    m = gram_fn(trees)
+    assert m.dtype == jnp.float32 and m.shape == (k, k)
+    np.testing.assert_allclose(m, flat @ flat.T, rtol=1e-5, atol=1e-6 * np.abs(flat @ flat.T).max())
+    np.testing.assert_allclose(m, optax_mtl.gram(stacked), rtol=1e-5)
+    combined = combine_fn(weights, trees)
+    expected = optax_mtl.combine(weights, stacked)
+    assert jax.tree.map(lambda x: x.dtype, combined) == jax.tree.map(lambda x: x.dtype, expected)
+    for a, b, rows in zip(jax.tree.leaves(combined), jax.tree.leaves(expected), zip(*map(jax.tree.leaves, trees))):
+      # float32 rounding of a sum whose terms reach max |w_i g_i|, not of the (cancelling) result
+      exact = sum(float(w) * np.asarray(row, np.float64) for w, row in zip(weights, rows))
+      scale = max(np.abs(float(w) * np.asarray(row, np.float64)).max() for w, row in zip(weights, rows))
+      tol = (1e-2 if a.dtype == jnp.bfloat16 else 1e-6) * scale
+      np.testing.assert_allclose(np.asarray(a, np.float64), exact, rtol=0, atol=tol)
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=0, atol=tol)

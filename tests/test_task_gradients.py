@@ -261,6 +261,33 @@ def test_per_task_heads_equal_the_generic_heads(name, per_task):
   assert jac.shape == (K, *encoder(params, x, y).shape)
 
 
+def test_per_task_heads_step_never_stacks_the_representation_gradients():
+  """A representation of two 16384-column blocks and a remainder: the blocked Gram of the K copies.
+
+  The update equals the generic heads' and, on CPU, no ``(K, batch, width)``
+  array is formed: the Gram and the combination read the K copies in place.
+  """
+  num_tasks, batch, width = 3, 64, 520
+  rng = np.random.default_rng(2)
+  params = {"trunk": jnp.asarray(rng.normal(size=(6, width)) / 3, jnp.float32),
+            "heads": jnp.asarray(rng.normal(size=(num_tasks, width)), jnp.float32)}
+  x = jnp.asarray(rng.normal(size=(batch, 6)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(num_tasks, batch)), jnp.float32)
+  enc = lambda p, x, y: jnp.tanh(x @ p["trunk"])
+  head = lambda w, z, t: jnp.mean((z @ w - t) ** 2)
+  generic = lambda p, z, x, y: jnp.stack([head(p["heads"][i], z, y[i]) for i in range(num_tasks)])
+  split = lambda p, zs, x, y: jnp.stack([head(p["heads"][i], zs[i], y[i]) for i in range(num_tasks)])
+  tx = optax_mtl.mgda(num_tasks)
+  step = lambda grads_fn: jax.jit(lambda p: tx.update(grads_fn(p, x, y), tx.init(p), p)[0])
+  split_step = step(optax_mtl.feature_task_gradients(enc, split, per_task_heads=num_tasks))
+  assert_trees_close(split_step(params), step(optax_mtl.feature_task_gradients(enc, generic))(params),
+                     rtol=1e-5, atol=1e-6)
+  if jax.default_backend() == "cpu":
+    program = split_step.lower(params).compile().as_text()
+    assert f"f32[{num_tasks},{batch},{width}]" not in program
+    assert f"f32[{num_tasks},{batch * width}]" not in program
+
+
 def test_per_task_heads_cost_one_backward_pass_of_the_heads():
   """Head work linear in K, not quadratic: heavy heads on a cheap encoder, counted in flops."""
   num_tasks, width = 8, 64

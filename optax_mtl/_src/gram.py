@@ -141,6 +141,69 @@ def gram_of_leaves(leaves: list, num_tasks: int) -> jax.Array:
   return total
 
 
+def _cpu_rows_gram(rows: list, dtype) -> jax.Array:
+  """The Gram of ``K`` same-shaped unsharded CPU arrays, without stacking them.
+
+  Stacking first writes a ``(K, n)`` copy of all of them. In the
+  feature-level step at K = 40 (40 rows of 256 x 512 floats, 21 MB), the
+  representation gradients, their Gram and the update took 53 ms with the
+  stack and 28 ms with the Gram summed over ``(K, 16384)`` blocks sliced
+  from the rows.
+  """
+  flat = [row.reshape(-1) for row in rows]
+  n = flat[0].shape[0]
+  blocks = n // _CPU_GRAM_BLOCK
+  dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                                  preferred_element_type=dtype)
+  if blocks < 2:
+    return dot(jnp.stack(flat))
+
+  def add_block(i, total):
+    block = jnp.stack([lax.dynamic_slice_in_dim(row, i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK) for row in flat])
+    return total + dot(block)
+
+  total = lax.fori_loop(0, blocks, add_block, jnp.zeros((len(flat), len(flat)), dtype))
+  if n > blocks * _CPU_GRAM_BLOCK:
+    total = total + dot(jnp.stack([row[blocks * _CPU_GRAM_BLOCK:] for row in flat]))
+  return total
+
+
+def gram_of_task_trees(trees: list) -> jax.Array:
+  """The Gram of ``K`` per-task gradient trees given as a list (tree ``i`` is task ``i``'s gradient).
+
+  Equal to :func:`gram` of the trees stacked leaf by leaf. On XLA:CPU the
+  unsharded leaves are contracted without forming the stack.
+  """
+  per_leaf = [jax.tree.leaves(tree) for tree in trees]
+  dtype = accumulation_dtype(*(contract.dtype_of(x) for x in per_leaf[0]))
+  total = jnp.zeros((len(trees), len(trees)), dtype)
+  for rows in zip(*per_leaf):
+    rows = [jnp.asarray(row) for row in rows]
+    if rows[0].ndim > 0 and _plain_cpu(rows[0]):
+      total = total + _cpu_rows_gram(rows, dtype)
+    else:
+      total = total + _leaf_gram(jnp.stack(rows), dtype)
+  return total
+
+
+def combine_task_trees(weights: jax.Array, trees: list) -> PyTree:
+  """:math:`\\sum_i w_i g_i` of ``K`` per-task gradient trees given as a list, one fused sum per leaf.
+
+  Accumulated like :func:`combine` (float32, float64 for float64 leaves) and
+  cast back to each leaf's dtype.
+  """
+
+  def leaf_combine(*rows):
+    dtype = accumulation_dtype(jnp.result_type(rows[0]), weights.dtype)
+    w = weights.astype(dtype)
+    total = w[0] * rows[0].astype(dtype)
+    for i in range(1, len(rows)):
+      total = total + w[i] * rows[i].astype(dtype)
+    return total.astype(jnp.result_type(rows[0]))
+
+  return jax.tree.map(leaf_combine, *trees)
+
+
 def task_sum(x: jax.Array, weights: jax.Array | None = None, *, dtype=None) -> jax.Array:
   """:math:`\\sum_i w_i x_i` over the leading task axis of one ``(K, ...)`` array.
 

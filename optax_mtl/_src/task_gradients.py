@@ -347,29 +347,40 @@ class FeatureTaskGradients(_LazyTaskGradients):
     (encoder_grads,) = self._encoder_vjp(combined)
     return jax.tree.map(jnp.add, head_grads, encoder_grads)
 
+  def _task_copies(self):
+    # Loss i reads only copy i of z, so the gradient of the summed losses
+    # with respect to the K copies holds every task's gradient: one backward
+    # pass of the heads, not K. They stay a list of K trees: the Gram and the
+    # combination read them without stacking them.
+    return self._heads_vjp(jnp.ones_like(self.losses))[1]
+
   def jacobian(self):
     """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
     if self._per_task_heads:
-      # Loss i reads only copy i of z, so the gradient of the summed losses
-      # with respect to the K copies holds every task's gradient: one backward
-      # pass of the heads, not K.
-      copies = self._heads_vjp(jnp.ones_like(self.losses))[1]
-      return jax.tree.map(lambda *leaves: jnp.stack(leaves), *copies)
+      return jax.tree.map(lambda *leaves: jnp.stack(leaves), *self._task_copies())
     return self._map_cotangents(lambda c: self._heads_vjp(c)[1])
 
   def gram(self, flags):
     # The Gram of the representation gradients replaces that of the shared
     # parameters; the shared mask only tells which leaves take other_weights.
     del flags
+    if self._per_task_heads:
+      return gram_lib.gram_of_task_trees(self._task_copies())
     return gram_lib.gram_of_leaves(jax.tree.leaves(self.jacobian()), self.num_tasks)
 
   def gram_and_update(self, flags, solve, other_weights=None):
-    jac_z = self.jacobian()
-    weights, out = solve(gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks))
+    if self._per_task_heads:
+      copies = self._task_copies()
+      gram, combine = gram_lib.gram_of_task_trees(copies), lambda w: gram_lib.combine_task_trees(w, copies)
+    else:
+      jac_z = self.jacobian()
+      gram = gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks)
+      combine = lambda w: gram_lib.combine(w, jac_z)
+    weights, out = solve(gram)
     if flags is None or other_weights is None or all(flags):
       # The encoder's cotangent from the representation gradients at hand:
       # one contraction instead of a weighted pass back through the heads.
-      return self._update(weights, gram_lib.combine(weights, jac_z)), (weights, out)
+      return self._update(weights, combine(weights)), (weights, out)
     return self.weighted_update(weights, flags, other_weights), (weights, out)
 
   def full_update(self, weights):
@@ -558,8 +569,11 @@ def feature_task_gradients(
       over separate heads, or ``jax.vmap`` of one head over stacked head
       parameters and ``jnp.stack(zs)``. Then one backward pass of the heads
       gives all ``K`` representation gradients, and ``batch_size`` does not
-      enter. A loss that reads another task's copy is not detected and makes
-      the Gram wrong.
+      enter. They stay ``K`` separate arrays: on XLA:CPU the Gram reads them
+      in column blocks and the combination in one fused sum, without
+      stacking them first (at ``K = 40`` on that MLP: 1.4x the step of
+      linear scalarization, against 2.2x with the stack). A loss that reads
+      another task's copy is not detected and makes the Gram wrong.
 
   Returns:
     A function ``(params, *args) -> TaskGradients``.
