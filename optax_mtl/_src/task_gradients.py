@@ -562,7 +562,7 @@ def feature_task_gradients(
       ``i`` needs, so each of the ``K`` backward passes through ``heads``
       runs through all ``K`` heads: ``K^2`` head backward passes, which
       dominate the step when ``K`` is large (40 linear heads on a 0.92M MLP
-      trunk: 5.9x the step of linear scalarization). With
+      trunk: 6.0 to 6.3x the step of linear scalarization). With
       ``per_task_heads=K``, ``heads`` is called as ``heads(params, zs, *args)``
       where ``zs`` is a list of ``K`` copies of ``z``, and loss ``i`` must
       read the representation only through ``zs[i]``: a list comprehension
