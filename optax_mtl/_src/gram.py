@@ -58,34 +58,43 @@ def _plain_cpu(leaf) -> bool:
 _CPU_GRAM_BLOCK = 16384
 
 
-def _cpu_matrix_gram(matrix: jax.Array, dtype) -> jax.Array:
-  """``matrix @ matrix.T`` for a ``(K, n)`` matrix on XLA:CPU.
+def _cpu_blocked_gram(rows: list, dtype) -> jax.Array:
+  """The ``(K, K)`` Gram of ``K`` unsharded CPU rows: one ``(K, n)`` matrix, or a list of ``K`` arrays of ``n``.
 
   XLA:CPU contracts a short-and-wide ``(K, n)`` matrix with itself at about
   4 GFLOP/s (162 ms for ``K = 10``, ``n = 3.2M``, where OpenBLAS takes 23
   ms) and a contraction over several axes 2.7 times slower still (39 vs 14.5
   ms for four ``(10, 512, 512)`` leaves). Summing the products of column
-  blocks in a loop took 34 ms for the same matrix.
+  blocks in a loop took 34 ms for the same matrix. A list is never stacked
+  whole, only block by block: the feature level's ``K`` representation
+  gradients (``benchmarks/results/train_step_malloc_*``: its step at K = 40
+  went from 2.2x to 1.4x that of linear scalarization).
   """
+  if isinstance(rows, jax.Array):
+    k, n = rows.shape
+    columns = lambda start, size: lax.dynamic_slice_in_dim(rows, start, size, axis=1)
+  else:
+    rows = [row.reshape(-1) for row in rows]
+    k, n = len(rows), rows[0].shape[0]
+    columns = lambda start, size: jnp.stack([lax.dynamic_slice_in_dim(row, start, size) for row in rows])
   dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                                   preferred_element_type=dtype)
-  k, n = matrix.shape
   blocks = n // _CPU_GRAM_BLOCK
   if blocks < 2:
-    return dot(matrix)
+    return dot(columns(0, n))
 
   def add_block(i, total):
-    return total + dot(lax.dynamic_slice_in_dim(matrix, i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK, axis=1))
+    return total + dot(columns(i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK))
 
   total = lax.fori_loop(0, blocks, add_block, jnp.zeros((k, k), dtype))
   if n > blocks * _CPU_GRAM_BLOCK:
-    total = total + dot(matrix[:, blocks * _CPU_GRAM_BLOCK:])
+    total = total + dot(columns(blocks * _CPU_GRAM_BLOCK, n - blocks * _CPU_GRAM_BLOCK))
   return total
 
 
 def _leaf_gram(leaf: jax.Array, dtype) -> jax.Array:
   if leaf.ndim > 1 and _plain_cpu(leaf):
-    return _cpu_matrix_gram(leaf.reshape(leaf.shape[0], -1), dtype)
+    return _cpu_blocked_gram(leaf.reshape(leaf.shape[0], -1), dtype)
   axes = tuple(range(1, leaf.ndim))
   # HIGHEST: accelerators would otherwise round float32 inputs to TF32/bf16.
   return lax.dot_general(
@@ -141,33 +150,6 @@ def gram_of_leaves(leaves: list, num_tasks: int) -> jax.Array:
   return total
 
 
-def _cpu_rows_gram(rows: list, dtype) -> jax.Array:
-  """The Gram of ``K`` same-shaped unsharded CPU arrays, without stacking them.
-
-  Stacking first writes a ``(K, n)`` copy of all of them. In the
-  feature-level step at K = 40 (40 rows of 256 x 512 floats, 21 MB), the
-  representation gradients, their Gram and the update took 53 ms with the
-  stack and 28 ms with the Gram summed over ``(K, 16384)`` blocks sliced
-  from the rows.
-  """
-  flat = [row.reshape(-1) for row in rows]
-  n = flat[0].shape[0]
-  blocks = n // _CPU_GRAM_BLOCK
-  dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                                  preferred_element_type=dtype)
-  if blocks < 2:
-    return dot(jnp.stack(flat))
-
-  def add_block(i, total):
-    block = jnp.stack([lax.dynamic_slice_in_dim(row, i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK) for row in flat])
-    return total + dot(block)
-
-  total = lax.fori_loop(0, blocks, add_block, jnp.zeros((len(flat), len(flat)), dtype))
-  if n > blocks * _CPU_GRAM_BLOCK:
-    total = total + dot(jnp.stack([row[blocks * _CPU_GRAM_BLOCK:] for row in flat]))
-  return total
-
-
 def gram_of_task_trees(trees: list) -> jax.Array:
   """The Gram of ``K`` per-task gradient trees given as a list (tree ``i`` is task ``i``'s gradient).
 
@@ -180,7 +162,7 @@ def gram_of_task_trees(trees: list) -> jax.Array:
   for rows in zip(*per_leaf):
     rows = [jnp.asarray(row) for row in rows]
     if rows[0].ndim > 0 and _plain_cpu(rows[0]):
-      total = total + _cpu_rows_gram(rows, dtype)
+      total = total + _cpu_blocked_gram(rows, dtype)
     else:
       total = total + _leaf_gram(jnp.stack(rows), dtype)
   return total
@@ -194,12 +176,9 @@ def combine_task_trees(weights: jax.Array, trees: list) -> PyTree:
   """
 
   def leaf_combine(*rows):
+    # Unrolled for every K: the K rows are separate arrays, and a dot would stack them first.
     dtype = accumulation_dtype(jnp.result_type(rows[0]), weights.dtype)
-    w = weights.astype(dtype)
-    total = w[0] * rows[0].astype(dtype)
-    for i in range(1, len(rows)):
-      total = total + w[i] * rows[i].astype(dtype)
-    return total.astype(jnp.result_type(rows[0]))
+    return _unrolled_sum(weights.astype(dtype), rows, dtype).astype(jnp.result_type(rows[0]))
 
   return jax.tree.map(leaf_combine, *trees)
 
@@ -220,9 +199,14 @@ def task_sum(x: jax.Array, weights: jax.Array | None = None, *, dtype=None) -> j
   if k > _UNROLL_LIMIT:
     return lax.dot_general(w, x.astype(dtype), (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST,
                            preferred_element_type=dtype)
-  total = w[0] * x[0].astype(dtype)  # XLA folds the products by a constant 1
-  for i in range(1, k):
-    total = total + w[i] * x[i].astype(dtype)
+  return _unrolled_sum(w, [x[i] for i in range(k)], dtype)
+
+
+def _unrolled_sum(w: jax.Array, rows, dtype) -> jax.Array:
+  """``sum_i w[i] * rows[i]`` as one chain of adds, which XLA fuses into a single pass."""
+  total = w[0] * rows[0].astype(dtype)  # XLA folds the products by a constant 1
+  for i in range(1, len(rows)):
+    total = total + w[i] * rows[i].astype(dtype)
   return total
 
 

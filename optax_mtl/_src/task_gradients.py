@@ -360,27 +360,27 @@ class FeatureTaskGradients(_LazyTaskGradients):
       return jax.tree.map(lambda *leaves: jnp.stack(leaves), *self._task_copies())
     return self._map_cotangents(lambda c: self._heads_vjp(c)[1])
 
+  def _gram_and_combination(self):
+    """The Gram of the representation gradients, and ``w -> sum_i w_i dL_i/dz``."""
+    if self._per_task_heads:
+      copies = self._task_copies()
+      return gram_lib.gram_of_task_trees(copies), lambda w: gram_lib.combine_task_trees(w, copies)
+    jac_z = self.jacobian()
+    return gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks), lambda w: gram_lib.combine(w, jac_z)
+
   def gram(self, flags):
     # The Gram of the representation gradients replaces that of the shared
     # parameters; the shared mask only tells which leaves take other_weights.
     del flags
-    if self._per_task_heads:
-      return gram_lib.gram_of_task_trees(self._task_copies())
-    return gram_lib.gram_of_leaves(jax.tree.leaves(self.jacobian()), self.num_tasks)
+    return self._gram_and_combination()[0]
 
   def gram_and_update(self, flags, solve, other_weights=None):
-    if self._per_task_heads:
-      copies = self._task_copies()
-      gram, combine = gram_lib.gram_of_task_trees(copies), lambda w: gram_lib.combine_task_trees(w, copies)
-    else:
-      jac_z = self.jacobian()
-      gram = gram_lib.gram_of_leaves(jax.tree.leaves(jac_z), self.num_tasks)
-      combine = lambda w: gram_lib.combine(w, jac_z)
+    gram, combination = self._gram_and_combination()
     weights, out = solve(gram)
     if flags is None or other_weights is None or all(flags):
       # The encoder's cotangent from the representation gradients at hand:
       # one contraction instead of a weighted pass back through the heads.
-      return self._update(weights, combine(weights)), (weights, out)
+      return self._update(weights, combination(weights)), (weights, out)
     return self.weighted_update(weights, flags, other_weights), (weights, out)
 
   def full_update(self, weights):
