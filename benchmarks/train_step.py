@@ -36,7 +36,11 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   backward passes, k - 1 cached steps with one), and the feature-level step
   (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB), with the heads as
   one function of ``z`` (K backward passes through all K heads) and with
-  ``per_task_heads=K`` (``*_per_task_heads``: one backward pass of the heads).
+  ``per_task_heads=K`` (``*_per_task_heads``: one backward pass of the heads);
+  and Nash-MTL and MGDA on the exact Gram of the trunk formed through the
+  representation (``through_representation_*``: ``feature_task_gradients(...,
+  per_task_heads=K, level="parameters")``, the ``K`` backward passes through
+  the trunk only, as TorchJD's ``mtl_backward``).
 - **peers** (optional; PyTorch on CPU, float32, ``torch.set_num_threads`` = the
   core count, the same initial weights and batches): a plain ``sum(losses)
   .backward()`` step; TorchJD 0.18 ``mtl_backward`` + ``jac_to_grad`` with
@@ -127,6 +131,10 @@ FEATURE_METHODS = {  # the -UB variants the papers define
     "aligned_mtl": lambda k: optax_mtl.aligned_mtl(k),
 }
 
+# Exact Gram methods on feature_task_gradients(..., per_task_heads=K, level="parameters"): the
+# trunk's Jacobian from the K representation gradients, as TorchJD's mtl_backward forms it.
+THROUGH_REPRESENTATION = ("nash_mtl", "mgda")
+
 # TorchJD aggregator (constructor) -> our method of the same definition.
 PEER_AGGREGATORS = {
     "torchjd_mean": ("Mean", {}, "linear_scalarization"),
@@ -178,10 +186,10 @@ def lazy_grads(batch_size, model=mlp):
   return grads_of
 
 
-def feature_grads(batch_size, model=mlp, per_task_heads=None):
+def feature_grads(batch_size, model=mlp, per_task_heads=None, level="representation"):
   heads = model.heads_losses if per_task_heads is None else model.heads_losses_per_task
   grads_fn = optax_mtl.feature_task_gradients(model.encoder, heads, batch_size=batch_size,
-                                              per_task_heads=per_task_heads)
+                                              per_task_heads=per_task_heads, level=level)
 
   def grads_of(params, x, y):
     grads = grads_fn(params, x, y)
@@ -259,6 +267,10 @@ def time_methods(args, k, params, batches):
       tx = optax.chain(factory(k), adam)
       cheap[f"feature_level_{method}{suffix}"] = training_call(
           jit, apply_step(tx, feature_grads(batch_size, net, per_task_heads)), tx.init, params, batches)
+  for method in THROUGH_REPRESENTATION:
+    tx = optax.chain(METHODS[method][0](k), adam)
+    cheap[f"through_representation_{method}"] = training_call(
+        jit, apply_step(tx, feature_grads(batch_size, net, k, "parameters")), tx.init, params, batches)
   if args.only:
     keep = lambda group: {name: call for name, call in group.items() if name in args.only or name == BASELINE}
     calls, references, cheap = keep(calls), keep(references), keep(cheap)
@@ -550,8 +562,15 @@ def plot(result: dict, path: pathlib.Path) -> None:
     names = sorted({n for row in rows for n, e in row.get("peers", {}).items() if "median_ms" in e})
     for name in names:
       sel = [row for row in rows if "median_ms" in row.get("peers", {}).get(name, {})]
-      ax.plot([row["K"] for row in sel], [row["peers"][name]["speedup_of_ours"] for row in sel], "-", marker="o",
-              label=f"{name} vs {sel[0]['peers'][name]['method']}")
+      method = sel[0]["peers"][name]["method"]
+      line = ax.plot([row["K"] for row in sel], [row["peers"][name]["speedup_of_ours"] for row in sel], "-",
+                     marker="o", label=f"{name} vs {method}")
+      through = f"through_representation_{method}"
+      sel = [row for row in sel if through in row["cheap_paths"]]
+      if sel:  # the same peer against our exact step through z (dashed, same colour)
+        ax.plot([row["K"] for row in sel],
+                [row["peers"][name]["median_ms"] / row["cheap_paths"][through]["median_ms"] for row in sel],
+                "--", marker="s", color=line[0].get_color(), label=f"{name} vs {through}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="K", ylabel="peer step time / our step time",
            title="speed-up of ours over the PyTorch peers")

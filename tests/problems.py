@@ -30,13 +30,24 @@ def make_batch(num_tasks: int = NUM_TASKS, seed: int = 1, batch: int = 32):
   return jnp.asarray(x), jnp.asarray(y)
 
 
+def encoder(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """The trunk's ``(batch, HIDDEN)`` representation ``z``."""
+  del y
+  trunk = jax.tree.map(lambda p: p.astype(jnp.float32), params["trunk"])
+  return jnp.tanh(x @ trunk["w"] + trunk["b"][None, :])
+
+
+def heads_per_task(params: dict, zs: list, x: jax.Array, y: jax.Array) -> jax.Array:
+  """The heads for ``per_task_heads=K``: task i reads only its own copy ``zs[i]``."""
+  del x
+  heads = params["heads"]
+  preds = jnp.stack([zs[i] @ heads[f"task{i}"].astype(jnp.float32) for i in range(len(heads))], axis=-1)
+  return jnp.mean((preds - y) ** 2, axis=0)
+
+
 def task_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   """``(K,)`` mean squared errors, one per head."""
-  trunk = jax.tree.map(lambda p: p.astype(jnp.float32), params["trunk"])
-  h = jnp.tanh(x @ trunk["w"] + trunk["b"][None, :])
-  heads = params["heads"]
-  preds = jnp.stack([h @ heads[f"task{i}"].astype(jnp.float32) for i in range(len(heads))], axis=-1)
-  return jnp.mean((preds - y) ** 2, axis=0)
+  return heads_per_task(params, [encoder(params, x, y)] * len(params["heads"]), x, y)
 
 
 def per_task_gradients(params: dict, x: jax.Array, y: jax.Array):

@@ -240,6 +240,19 @@ def test_lazy_task_gradients_equal_the_explicit_tree(case):
   assert_trees_close(state, expected_state, rtol=2e-5)
 
 
+def test_gradients_through_the_representation_equal_the_explicit_tree(case):
+  """``feature_task_gradients(..., per_task_heads=K, level="parameters")``: the per-task path."""
+  params, jac, losses = problem()
+  x, y = problems.make_batch()
+  tx = make(case, shared=problems.is_shared)
+  expected, expected_state = tx.update(jac, tx.init(params), params, task_losses=losses)
+  grads_fn = optax_mtl.feature_task_gradients(problems.encoder, problems.heads_per_task,
+                                              per_task_heads=problems.NUM_TASKS, level="parameters")
+  updates, state = jax.jit(lambda params: tx.update(grads_fn(params, x, y), tx.init(params), params))(params)
+  assert_trees_close(updates, expected, rtol=2e-5)
+  assert_trees_close(state, expected_state, rtol=2e-5)
+
+
 def test_nonfinite_gradients_are_skipped_and_counted(case):
   params, jac, losses = problem()
   tx = make(case)

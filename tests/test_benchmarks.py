@@ -79,6 +79,7 @@ def test_train_step_writes_json(tmp_path, model):
     assert row["cheap_paths"]["task_gradients_nash_mtl_every_50"]["steps_per_call"] == 50
     assert {f"feature_level_{m}{s}" for m in ("mgda", "aligned_mtl") for s in ("", "_per_task_heads")} <= set(
         row["cheap_paths"])
+    assert {"through_representation_nash_mtl", "through_representation_mgda"} <= set(row["cheap_paths"])
     breakdown = row["breakdown"]
     assert set(breakdown["methods"]) == {"linear_scalarization", "nash_mtl", "mgda", "upgrad", "cagrad"}
     for name, stages in breakdown["methods"].items():

@@ -14,7 +14,9 @@ gradients to a transform:
   VJPs and JVPs, so the ``K x params`` Jacobian is never stored;
 - :func:`feature_task_gradients`: the Gram of the gradients with respect to a
   shared representation ``z`` (MGDA-UB, Aligned-MTL-UB), then one backward
-  pass through the encoder.
+  pass through the encoder; or, with ``level="parameters"``, the exact
+  per-task gradients of the parameters formed through ``z``, so that separate
+  heads are not traversed ``K`` times each.
 
 All three are consumed by every ``optax_mtl`` transform through the same
 :class:`TaskGradients` interface.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,14 +39,19 @@ from optax_mtl._src import shared as shared_lib
 PyTree = Any
 Solve = Callable[[jax.Array], tuple[jax.Array, Any]]
 OtherWeights = Callable[[jax.Array], jax.Array] | None
+Level = Literal["representation", "parameters"]
+
+
+def _map_tasks(fn: Callable, xs: PyTree, num_tasks: int, batch_size: int | None) -> Any:
+  """``fn`` over the leading (task) axis of ``xs``: vectorised, or ``batch_size`` at a time."""
+  if batch_size is None or batch_size >= num_tasks:
+    return jax.vmap(fn)(xs)
+  return lax.map(fn, xs, batch_size=batch_size)
 
 
 def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype) -> Any:
   """``fn`` applied to the ``K`` unit cotangents, stacked on a leading axis."""
-  eye = jnp.eye(num_tasks, dtype=dtype)
-  if batch_size is None or batch_size >= num_tasks:
-    return jax.vmap(fn)(eye)
-  return lax.map(fn, eye, batch_size=batch_size)
+  return _map_tasks(fn, jnp.eye(num_tasks, dtype=dtype), num_tasks, batch_size)
 
 
 def _check_batch_size(batch_size):
@@ -387,13 +394,54 @@ class FeatureTaskGradients(_LazyTaskGradients):
     return self._update(weights)
 
   def _update(self, weights, z_cotangent=None):
-    head_grads, heads_z_cotangent = self._heads_vjp(weights.astype(self.losses.dtype))
-    if z_cotangent is None:
-      z_cotangent = heads_z_cotangent
-      if self._per_task_heads:
-        z_cotangent = jax.tree.map(lambda *leaves: functools.reduce(jnp.add, leaves), *z_cotangent)
-    (encoder_grads,) = self._encoder_vjp(z_cotangent)
-    return jax.tree.map(jnp.add, head_grads, encoder_grads)
+    return _backward_through_heads(self._encoder_vjp, self._heads_vjp, self._per_task_heads,
+                                   weights.astype(self.losses.dtype), z_cotangent)
+
+
+def _backward_through_heads(encoder_vjp, heads_vjp, per_task_heads, cotangent, z_cotangent=None):
+  """The VJP of ``heads(params, encoder(params))``; ``z_cotangent`` replaces the heads' one."""
+  head_grads, heads_z_cotangent = heads_vjp(cotangent)
+  if z_cotangent is None:
+    z_cotangent = heads_z_cotangent
+    if per_task_heads:
+      z_cotangent = jax.tree.map(lambda *leaves: functools.reduce(jnp.add, leaves), *z_cotangent)
+  (encoder_grads,) = encoder_vjp(z_cotangent)
+  return jax.tree.map(jnp.add, head_grads, encoder_grads)
+
+
+class EncoderTaskGradients(VJPTaskGradients):
+  """Per-task parameter gradients formed through a representation read by separate heads.
+
+  One backward pass of the heads gives the ``K`` representation gradients
+  (loss ``i`` reads only copy ``i``); task ``i``'s gradient is then one
+  backward pass of ``dL_i/dz`` through the encoder plus what the heads read of
+  the parameters directly. The heads are never traversed ``K`` times for the
+  shared leaves, whose direct part is zero unless the heads read them.
+  """
+
+  def __init__(self, losses, aux, encoder_vjp, heads_vjp, params, batch_size):
+    vjp = lambda c: _backward_through_heads(encoder_vjp, heads_vjp, True, c)
+    super().__init__(losses, aux, vjp, None, params, batch_size, store_jacobian=True)
+    self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
+
+  def _per_task(self, select):
+    copies = self._heads_vjp(jnp.ones_like(self.losses))[1]
+    representation_grads = jax.tree.map(lambda *leaves: jnp.stack(leaves), *copies)
+    cotangents = jnp.eye(self.num_tasks, dtype=self.losses.dtype)
+
+    def task(cotangent_and_grad):
+      cotangent, z_grad = cotangent_and_grad
+      # The heads' VJP of the unit cotangent adds what they read of the params
+      # directly; for selected leaves they do not read, XLA prunes it to zeros.
+      return select(_backward_through_heads(self._encoder_vjp, self._heads_vjp, True, cotangent, z_grad))
+
+    return _map_tasks(task, (cotangents, representation_grads), self.num_tasks, self._batch_size)
+
+  def jacobian(self):
+    return self._per_task(lambda tree: tree)
+
+  def _shared_jacobian(self, flags):
+    return self._per_task(lambda tree: _select(tree, flags, True))
 
 
 def _vjp_of_losses(fun, params, args, has_aux):
@@ -534,6 +582,7 @@ def feature_task_gradients(
     has_aux: bool = False,
     batch_size: int | None = None,
     per_task_heads: int | None = None,
+    level: Level = "representation",
 ) -> Callable[..., TaskGradients]:
   r"""Feature-level task gradients: the Gram of :math:`\partial L_i / \partial z`.
 
@@ -546,6 +595,8 @@ def feature_task_gradients(
   approximation of MGDA-UB (Sener & Koltun, 2018) and Aligned-MTL-UB
   (Senushkin et al., 2023), available to every Gram-based method. The
   ``shared=`` mask of the transform does not enter: ``z`` is what is shared.
+  With ``level="parameters"`` the same split serves the exact per-task path
+  instead (see below).
 
   When ``encoder`` is the identity on the shared parameters, the result equals
   the full per-task path with ``shared=`` set to those parameters.
@@ -574,6 +625,22 @@ def feature_task_gradients(
       stacking them first (at ``K = 40`` on that MLP: 1.4x the step of
       linear scalarization, against 2.2x with the stack). A loss that reads
       another task's copy is not detected and makes the Gram wrong.
+    level: ``"representation"`` (default): the Gram of the representation
+      gradients, the upper-bound approximation above. ``"parameters"``: the
+      exact per-task gradients of the parameters, as
+      :func:`value_and_jacobian` of ``heads(params, encoder(params, *args),
+      *args)`` gives them (every method then acts as on the full per-task
+      path, ``shared=`` included), formed as TorchJD's ``mtl_backward``
+      forms them: with ``per_task_heads``, one backward pass of the heads
+      gives the ``K`` representation gradients and each task's gradient of
+      the shared leaves is one backward pass of its representation gradient
+      through the encoder only, ``batch_size`` at a time. The full path
+      instead runs each of its ``K`` backward passes through all ``K``
+      heads. Set ``shared=`` on the transform to the encoder's parameters:
+      without it the heads' own per-task gradients enter the Gram, and
+      forming them takes ``K`` backward passes through all the heads.
+      Shared leaves that the heads also read directly stay exact, at that
+      cost. Without ``per_task_heads`` this is the full path.
 
   Returns:
     A function ``(params, *args) -> TaskGradients``.
@@ -603,6 +670,8 @@ def feature_task_gradients(
       isinstance(per_task_heads, bool) or not isinstance(per_task_heads, int) or per_task_heads < 1
   ):
     raise ValueError(f"per_task_heads must be None or a positive int (the number of tasks), got {per_task_heads!r}.")
+  if level not in ("representation", "parameters"):
+    raise ValueError(f"level must be 'representation' or 'parameters', got {level!r}.")
 
   def wrapped(params, *args):
     z, encoder_vjp = jax.vjp(lambda p: encoder(p, *args), params)
@@ -622,6 +691,11 @@ def feature_task_gradients(
           f"heads returned losses of shape {losses.shape} but per_task_heads={per_task_heads}:"
           " the heads must give one loss per copy of the representation."
       )
+    if level == "parameters":
+      if per_task_heads is not None:
+        return EncoderTaskGradients(losses, aux, encoder_vjp, heads_vjp, params, batch_size)
+      vjp = lambda c: _backward_through_heads(encoder_vjp, heads_vjp, False, c)
+      return VJPTaskGradients(losses, aux, vjp, None, params, batch_size, store_jacobian=True)
     return FeatureTaskGradients(
         losses, aux, encoder_vjp, heads_vjp, params, batch_size, z, per_task_heads is not None
     )
