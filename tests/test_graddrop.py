@@ -99,3 +99,17 @@ def test_drop_matches_the_formula_with_signs_leaks_and_kept_mass(k):
     kept_mass += (multipliers * np.abs(g)).reshape(k, -1).sum(1)
     mass += np.abs(g).reshape(k, -1).sum(1)
   np.testing.assert_allclose(kept, kept_mass / mass, rtol=1e-12)
+
+
+def test_uniforms_are_one_draw_sliced_per_leaf():
+  """One random draw whatever the leaf count (a draw per leaf bloated the compiled step)."""
+  tree = {f"leaf{i}": jnp.zeros((3, 4, i + 1)) for i in range(12)}
+  key = jax.random.key_data(jax.random.key(0))
+  draw = lambda key: graddrop_lib.draw_uniforms(key, tree, "coordinate")
+  names = [eqn.primitive.name for eqn in jax.make_jaxpr(draw)(key).jaxpr.eqns]
+  assert names.count("random_wrap") == 1 and names.count("jit") == 1  # jax.random.uniform's one call
+  uniforms = draw(key)
+  assert jax.tree.map(jnp.shape, uniforms) == {f"leaf{i}": (4, i + 1) for i in range(12)}
+  values = np.concatenate([np.ravel(u) for u in jax.tree.leaves(uniforms)])
+  assert values.min() >= 0.0 and values.max() < 1.0
+  assert len(np.unique(values)) == values.size  # no two leaves share a slice

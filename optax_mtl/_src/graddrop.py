@@ -17,11 +17,13 @@ GradDrop needs the per-task gradients themselves, not only their Gram matrix.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 import optax
 
 from optax_mtl._src import aggregation
@@ -122,7 +124,7 @@ def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", s
 
 
 def draw_uniforms(key, per_task_grads, purity: Purity):
-  """Uniforms for :func:`drop`: one per coordinate, or one in all.
+  """Uniforms for :func:`drop`: one per coordinate (one draw for all leaves, sliced), or one in all.
 
   Always float32 draws, also under ``jax_enable_x64``: a float64 draw consumes
   other random bits, so the same key would drop other signs in a float64 run.
@@ -130,8 +132,13 @@ def draw_uniforms(key, per_task_grads, purity: Purity):
   if purity == "global":
     return jax.random.uniform(key, dtype=jnp.float32)
   leaves, treedef = jax.tree.flatten(per_task_grads)
-  return treedef.unflatten([jax.random.uniform(jax.random.fold_in(key, i), g.shape[1:], jnp.float32)
-                            for i, g in enumerate(leaves)])
+  # One draw sliced per leaf: a draw per leaf would put one threefry program
+  # per leaf into the step (a third of its instructions at 72 leaves).
+  shapes = [g.shape[1:] for g in leaves]
+  offsets = np.cumsum([0] + [math.prod(shape) for shape in shapes])
+  flat = jax.random.uniform(key, (int(offsets[-1]),), jnp.float32)
+  return treedef.unflatten([flat[start:stop].reshape(shape)
+                            for start, stop, shape in zip(offsets[:-1], offsets[1:], shapes)])
 
 
 def graddrop(
