@@ -359,7 +359,7 @@ class FeatureTaskGradients(_LazyTaskGradients):
     # with respect to the K copies holds every task's gradient: one backward
     # pass of the heads, not K. They stay a list of K trees: the Gram and the
     # combination read them without stacking them.
-    return self._heads_vjp(jnp.ones_like(self.losses))[1]
+    return _representation_gradients(self._heads_vjp, self.losses)
 
   def jacobian(self):
     """The per-task gradients of the representation, every leaf ``(K, *z.shape)``."""
@@ -398,6 +398,11 @@ class FeatureTaskGradients(_LazyTaskGradients):
                                    weights.astype(self.losses.dtype), z_cotangent)
 
 
+def _representation_gradients(heads_vjp, losses):
+  """The ``K`` gradients ``dL_i/dz`` of separate heads: one backward pass of their summed losses."""
+  return heads_vjp(jnp.ones_like(losses))[1]
+
+
 def _backward_through_heads(encoder_vjp, heads_vjp, per_task_heads, cotangent, z_cotangent=None):
   """The VJP of ``heads(params, encoder(params))``; ``z_cotangent`` replaces the heads' one."""
   head_grads, heads_z_cotangent = heads_vjp(cotangent)
@@ -425,7 +430,7 @@ class EncoderTaskGradients(VJPTaskGradients):
     self._encoder_vjp, self._heads_vjp = encoder_vjp, heads_vjp
 
   def _per_task(self, select):
-    copies = self._heads_vjp(jnp.ones_like(self.losses))[1]
+    copies = _representation_gradients(self._heads_vjp, self.losses)
     representation_grads = jax.tree.map(lambda *leaves: jnp.stack(leaves), *copies)
     cotangents = jnp.eye(self.num_tasks, dtype=self.losses.dtype)
 
