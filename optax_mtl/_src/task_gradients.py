@@ -42,8 +42,9 @@ OtherWeights = Callable[[jax.Array], jax.Array] | None
 Level = Literal["representation", "parameters"]
 
 
-def _map_tasks(fn: Callable, xs: PyTree, num_tasks: int, batch_size: int | None) -> Any:
+def _map_tasks(fn: Callable, xs: PyTree, batch_size: int | None) -> Any:
   """``fn`` over the leading (task) axis of ``xs``: vectorised, or ``batch_size`` at a time."""
+  num_tasks = jax.tree.leaves(xs)[0].shape[0]
   if batch_size is None or batch_size >= num_tasks:
     return jax.vmap(fn)(xs)
   return lax.map(fn, xs, batch_size=batch_size)
@@ -51,7 +52,7 @@ def _map_tasks(fn: Callable, xs: PyTree, num_tasks: int, batch_size: int | None)
 
 def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype) -> Any:
   """``fn`` applied to the ``K`` unit cotangents, stacked on a leading axis."""
-  return _map_tasks(fn, jnp.eye(num_tasks, dtype=dtype), num_tasks, batch_size)
+  return _map_tasks(fn, jnp.eye(num_tasks, dtype=dtype), batch_size)
 
 
 def _check_batch_size(batch_size):
@@ -440,7 +441,7 @@ class EncoderTaskGradients(VJPTaskGradients):
       # directly; for selected leaves they do not read, XLA prunes it to zeros.
       return select(_backward_through_heads(self._encoder_vjp, self._heads_vjp, True, cotangent, z_grad))
 
-    return _map_tasks(task, (cotangents, representation_grads), self.num_tasks, self._batch_size)
+    return _map_tasks(task, (cotangents, representation_grads), self._batch_size)
 
   def jacobian(self):
     return self._per_task(lambda tree: tree)
