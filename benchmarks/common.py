@@ -18,8 +18,9 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 # Process settings that change step times: glibc's allocator (whether XLA's per-step buffers are
 # mapped afresh and page-faulted in at every step, see the README's Performance), a preloaded
-# allocator, XLA's flags, and OpenMP's waiting (the PyTorch peers).
-_RECORDED_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "OMP_WAIT_POLICY")
+# allocator, XLA's flags, JAX's GPU allocator and options, and OpenMP's waiting (the PyTorch peers).
+_RECORDED_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "XLA_FLAGS", "XLA_PYTHON_CLIENT_", "JAX_",
+                          "OMP_WAIT_POLICY")
 
 
 def environment() -> dict:

@@ -37,12 +37,14 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB), with the heads as
   one function of ``z`` (K backward passes through all K heads) and with
   ``per_task_heads=K`` (``*_per_task_heads``: one backward pass of the heads);
-  and Nash-MTL and MGDA on the exact Gram of the trunk formed through the
+  and every method a TorchJD peer runs (Nash-MTL, MGDA, Aligned-MTL, UPGrad,
+  PCGrad, CAGrad) on the exact Gram of the trunk formed through the
   representation (``through_representation_*``: ``feature_task_gradients(...,
   per_task_heads=K, level="parameters")``, the ``K`` backward passes through
   the trunk only, as TorchJD's ``mtl_backward``).
-- **peers** (optional; PyTorch on CPU, float32, ``torch.set_num_threads`` = the
-  core count, the same initial weights and batches): a plain ``sum(losses)
+- **peers** (optional; PyTorch float32, on the CPU with ``torch.set_num_threads``
+  = the core count, or on CUDA when JAX runs on a GPU and PyTorch sees one, see
+  ``--torch-device``; the same initial weights and batches): a plain ``sum(losses)
   .backward()`` step; TorchJD 0.18 ``mtl_backward`` + ``jac_to_grad`` with
   ``Mean``, ``MGDA``, ``NashMTL``, ``AlignedMTL``, ``UPGrad``, ``PCGrad`` and
   ``CAGrad(c=0.4)``; and the official nash-mtl training step (K
@@ -51,9 +53,11 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   TorchJD's port of the official cvxpy/ECOS CCP (``NashMTL(max_norm=0)
   .weighting`` on the stacked gradients: the official normalised Gram,
   iteration cap and stopping rule). Each peer is timed round-robin with the
-  other peers (after ours, so the two runtimes' thread pools never overlap),
-  and each gets the speed-up of our step for the same method and K (peer
-  median / our median). Run the peers on an idle machine: with another
+  other peers (after ours, so the two runtimes' thread pools never overlap;
+  on CUDA each peer step ends with ``torch.cuda.synchronize()``, as each of
+  ours ends with ``block_until_ready``), and each gets the speed-up of our
+  step for the same method and K (peer median / our median), on the per-task
+  tree and through the representation. Run the peers on an idle machine: with another
   process on a core, PyTorch's OpenMP threads spin-wait on it and its steps
   get about 100 times slower (a warning is printed and written when its plain
   step is more than 10 times JAX's).
@@ -64,9 +68,11 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py --model conv --width 256 --depth 4   # the conv trunk (no peers)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
   python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
+  python benchmarks/train_step.py --ks 40 --peers --only through_representation_mgda --out /tmp/p.json
 
-PyTorch and TorchJD are optional (``pip install torch==2.13.0
-"torchjd[nash_mtl]==0.18.0"``); without them the peers are skipped with a note.
+PyTorch and TorchJD are optional, the ``peers`` extra (``pip install -e
+".[benchmarks,peers]"``; ``torch==2.13.0`` is the CPU wheel the committed runs
+used); without them the peers are skipped with a note.
 """
 
 from __future__ import annotations
@@ -132,8 +138,10 @@ FEATURE_METHODS = {  # the -UB variants the papers define
 }
 
 # Exact Gram methods on feature_task_gradients(..., per_task_heads=K, level="parameters"): the
-# trunk's Jacobian from the K representation gradients, as TorchJD's mtl_backward forms it.
-THROUGH_REPRESENTATION = ("nash_mtl", "mgda")
+# trunk's Jacobian from the K representation gradients, as TorchJD's mtl_backward forms it. Every
+# method a TorchJD peer runs, so that each peer is also compared with our step of the same
+# construction.
+THROUGH_REPRESENTATION = ("nash_mtl", "mgda", "aligned_mtl", "upgrad", "pcgrad", "cagrad")
 
 # TorchJD aggregator (constructor) -> our method of the same definition.
 PEER_AGGREGATORS = {
@@ -343,8 +351,8 @@ def import_peers():
   return (torch, aggregation, autojac), None
 
 
-def torch_model(torch, params):
-  """The JAX model in ``torch.nn`` with the same initial weights (float32)."""
+def torch_model(torch, params, device):
+  """The JAX model in ``torch.nn`` with the same initial weights (float32), on ``device``."""
   nn = torch.nn
   layers = []
   for layer in params["trunk"]:
@@ -360,18 +368,20 @@ def torch_model(torch, params):
       linear.weight.copy_(torch.as_tensor(np.array(head["w"]).T))
       linear.bias.copy_(torch.as_tensor(np.array(head["b"])))
     heads.append(linear)
-  return nn.Sequential(*layers), nn.ModuleList(heads)
+  return nn.Sequential(*layers).to(device), nn.ModuleList(heads).to(device)
 
 
-def peer_calls(k, params, batches, modules):
-  """One callable per peer, each running one training step on its own model copy."""
+def peer_calls(k, params, batches, modules, device):
+  """One callable per peer, each running one training step on its own model copy on ``device``."""
   torch, aggregation, autojac = modules
-  torch_batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in batches]
+  torch_batches = [(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)) for x, y in batches]
+  # CUDA runs asynchronously: without a synchronisation the timer would measure the launches.
+  synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
   mse = torch.nn.functional.mse_loss
   calls, notes = {}, {}
 
   def make(step_body):
-    trunk, heads = torch_model(torch, params)
+    trunk, heads = torch_model(torch, params, device)
     optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=LEARNING_RATE)
     state = {"i": 0}
 
@@ -383,6 +393,7 @@ def peer_calls(k, params, batches, modules):
       step_body(trunk, heads, features, losses)
       optimizer.step()
       optimizer.zero_grad(set_to_none=True)
+      synchronize()
 
     return call
 
@@ -428,15 +439,19 @@ PEER_METHOD = {"torch_sum": "linear_scalarization", "nash_mtl_official": "nash_m
                **{name: method for name, (_, _, method) in PEER_AGGREGATORS.items()}}
 
 
-def time_peers(args, k, params, batches, modules, method_timings):
-  calls, notes = peer_calls(k, params, batches, modules)
+def time_peers(args, k, params, batches, modules, method_timings, cheap_timings):
+  calls, notes = peer_calls(k, params, batches, modules, args.torch_device)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # cvxpy's "not DPP" warning on every Nash solve
     timings = common.time_interleaved(calls, repeats=args.peer_repeats)
   for name, entry in timings.items():
     ours = PEER_METHOD[name]
     entry["method"] = ours
-    entry["speedup_of_ours"] = entry["median_ms"] / method_timings[ours]["median_ms"]
+    if ours in method_timings:  # --only may leave it out
+      entry["speedup_of_ours"] = entry["median_ms"] / method_timings[ours]["median_ms"]
+    through = cheap_timings.get(f"through_representation_{ours}")
+    if through is not None:
+      entry["speedup_of_ours_through_representation"] = entry["median_ms"] / through["median_ms"]
   return {**timings, **{name: {"note": note, "method": PEER_METHOD[name]} for name, note in notes.items()}}
 
 
@@ -459,7 +474,11 @@ def run(args) -> dict:
   modules, peers_note = ((None, "not run (--no-peers; the default with --tiny and --model conv)") if not args.peers
                          else import_peers())
   if modules is not None:
-    modules[0].set_num_threads(args.torch_threads)
+    torch = modules[0]
+    torch.set_num_threads(args.torch_threads)
+    if args.torch_device is None:
+      on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
+      args.torch_device = "cuda" if on_gpu else "cpu"
   rows = []
   sizes = None
   for k in args.ks:
@@ -477,8 +496,9 @@ def run(args) -> dict:
     if k in args.breakdown_ks:
       row["breakdown"] = time_breakdown(args, k, params, batches, methods)
     if modules is not None:
-      row["peers"] = time_peers(args, k, params, batches, modules, methods)
-      slowdown = row["peers"]["torch_sum"]["median_ms"] / references["sum_grad"]["median_ms"]
+      row["peers"] = time_peers(args, k, params, batches, modules, methods, cheap)
+      plain = references.get("sum_grad", methods[BASELINE])  # --only may leave sum_grad out
+      slowdown = row["peers"]["torch_sum"]["median_ms"] / plain["median_ms"]
       if slowdown > 10:  # the same backward pass in both frameworks: an order of magnitude is not the framework
         row["peers_warning"] = (f"PyTorch's plain step is {slowdown:.0f}x slower than JAX's: another process"
                                 " probably holds a core (OpenMP threads spin-waiting on a busy core); rerun on an"
@@ -490,6 +510,7 @@ def run(args) -> dict:
       "environment": common.environment(),
       "peers": {
           "versions": peer_versions(), "torch_threads": modules[0].get_num_threads(),
+          "torch_device": args.torch_device,
           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
           "step": "torch.optim.Adam(lr=1e-4), float32, the same initial weights and batches",
           "torchjd": "autojac.mtl_backward(losses, features=trunk output) + autojac.jac_to_grad(trunk params, A)",
@@ -510,6 +531,8 @@ def run(args) -> dict:
                      " steps_per_call > 1: a cycle of consecutive jitted calls divided by its length"),
           "ratio_to_ls": "median over the median of linear_scalarization (lazy path) in the same round",
           "speedup_of_ours": "peer median over the median of our step for the same method and K",
+          "speedup_of_ours_through_representation": ("peer median over the median of our step for the same"
+                                                     " method through the representation (level='parameters')"),
       },
       "rows": rows,
   }
@@ -530,7 +553,9 @@ def report(row):
     if "note" in entry:
       print(f"  peer {name:<29}{entry['note']}")
     else:
-      print(f"  peer {name:<29}{entry['median_ms']:>11.2f}   ours {entry['speedup_of_ours']:.2f}x faster")
+      speedups = [f"{entry[key]:.2f}x{label}" for key, label in (
+          ("speedup_of_ours", ""), ("speedup_of_ours_through_representation", " through z")) if key in entry]
+      print(f"  peer {name:<29}{entry['median_ms']:>11.2f}   ours faster: {', '.join(speedups) or '-'}")
   sys.stdout.flush()
 
 
@@ -561,16 +586,17 @@ def plot(result: dict, path: pathlib.Path) -> None:
     ax = axes[0][1]
     names = sorted({n for row in rows for n, e in row.get("peers", {}).items() if "median_ms" in e})
     for name in names:
-      sel = [row for row in rows if "median_ms" in row.get("peers", {}).get(name, {})]
-      method = sel[0]["peers"][name]["method"]
-      line = ax.plot([row["K"] for row in sel], [row["peers"][name]["speedup_of_ours"] for row in sel], "-",
-                     marker="o", label=f"{name} vs {method}")
-      through = f"through_representation_{method}"
-      sel = [row for row in sel if through in row["cheap_paths"]]
-      if sel:  # the same peer against our exact step through z (dashed, same colour)
-        ax.plot([row["K"] for row in sel],
-                [row["peers"][name]["median_ms"] / row["cheap_paths"][through]["median_ms"] for row in sel],
-                "--", marker="s", color=line[0].get_color(), label=f"{name} vs {through}")
+      entries = [(row["K"], row["peers"][name]) for row in rows if "median_ms" in row.get("peers", {}).get(name, {})]
+      method = entries[0][1]["method"]
+      color = None
+      # Solid: against our step on the per-task tree; dashed, same colour: through z.
+      for key, style, marker, label in (("speedup_of_ours", "-", "o", method),
+                                        ("speedup_of_ours_through_representation", "--", "s",
+                                         f"through_representation_{method}")):
+        sel = [(k, entry[key]) for k, entry in entries if key in entry]
+        if sel:
+          (line,) = ax.plot(*zip(*sel), style, marker=marker, color=color, label=f"{name} vs {label}")
+          color = line.get_color()
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="K", ylabel="peer step time / our step time",
            title="speed-up of ours over the PyTorch peers")
@@ -584,7 +610,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
 
 def parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="numbers of tasks")
+  parser.add_argument("--ks", type=int, nargs="+", default=None,
+                      help=f"numbers of tasks (default: {' '.join(map(str, KS))}; 3 with --tiny)")
   parser.add_argument("--breakdown-ks", type=int, nargs="*", default=None, help="default: every K")
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--features", type=int, default=256)
@@ -606,23 +633,27 @@ def parse(argv=None):
                       help="time the PyTorch/TorchJD peers (default: on, off with --tiny)")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads for the peers (default: the core count)")
+  parser.add_argument("--torch-device", default=None,
+                      help="the peers' PyTorch device (default: cuda when JAX runs on a GPU and PyTorch sees one,"
+                      " else cpu)")
   parser.add_argument("--tiny", action="store_true",
                       help="smoke-test sizes, compiled without XLA's backend optimisations (timings meaningless)")
   parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
-                      help="time only these methods, references and cheap paths (LS always); no breakdown or peers")
+                      help="time only these methods, references and cheap paths (LS always); no breakdown, and"
+                      " no peers unless --peers")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   args.compiler_options = None
+  if args.ks is None:
+    args.ks = [3] if args.tiny else list(KS)
   if args.tiny:
-    args.ks, args.batch, args.features, args.width, args.depth, args.head_dim = [3], 8, 8, 16, 2, 2
+    args.batch, args.features, args.width, args.depth, args.head_dim = 8, 8, 16, 2, 2
     args.image_size = 8
     args.repeats, args.peer_repeats, args.num_batches = 2, 2, 2
     # Compilation is nearly all of a tiny run (about 30 jitted functions per K).
     args.compiler_options = {"xla_backend_optimization_level": 0}
   if args.peers and args.model != "mlp":
     parser.error("the PyTorch peers are written for --model mlp")
-  if args.peers and args.only:
-    parser.error("--only times a subset of our step; the peers compare with every method")
   if args.peers is None:
     args.peers = not args.tiny and args.model == "mlp" and not args.only
   if args.breakdown_ks is None:

@@ -25,8 +25,8 @@ training). Accuracy, in float64, of the returned weights ``w``:
   python benchmarks/weight_solvers.py          # writes results/weight_solvers_<platform>.json and .png
   python benchmarks/weight_solvers.py --tiny --out /tmp/x.json
 
-TorchJD (PyTorch + cvxpy + ECOS + quadprog) is optional: ``pip install
-torch==2.13.0 "torchjd[nash_mtl]==0.18.0"``; without it the peer columns are
+TorchJD (PyTorch + cvxpy + ECOS + quadprog) is optional, the ``peers`` extra
+(``pip install -e ".[benchmarks,peers]"``); without it the peer columns are
 left out.
 """
 

@@ -79,7 +79,8 @@ def test_train_step_writes_json(tmp_path, model):
     assert row["cheap_paths"]["task_gradients_nash_mtl_every_50"]["steps_per_call"] == 50
     assert {f"feature_level_{m}{s}" for m in ("mgda", "aligned_mtl") for s in ("", "_per_task_heads")} <= set(
         row["cheap_paths"])
-    assert {"through_representation_nash_mtl", "through_representation_mgda"} <= set(row["cheap_paths"])
+    assert {f"through_representation_{m}" for m in load("train_step").THROUGH_REPRESENTATION} <= set(
+        row["cheap_paths"])
     breakdown = row["breakdown"]
     assert set(breakdown["methods"]) == {"linear_scalarization", "nash_mtl", "mgda", "upgrad", "cagrad"}
     for name, stages in breakdown["methods"].items():
@@ -88,6 +89,28 @@ def test_train_step_writes_json(tmp_path, model):
     for entry in breakdown["stages"].values():
       assert 0 < entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
   assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_train_step_times_the_peers_against_a_subset(tmp_path):
+  # The peers are the benchmark extra, not the test extra: this runs where they are installed.
+  pytest.importorskip("torchjd")
+  out = tmp_path / "train_step.json"
+  load("train_step").main(["--tiny", "--peers", "--only", "mgda", "through_representation_upgrad",
+                           "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert result["peers"]["torch_device"] == "cpu"
+  (row,) = result["rows"]
+  assert set(row["methods"]) == {"linear_scalarization", "mgda"}
+  assert set(row["cheap_paths"]) == {"through_representation_upgrad"}
+  peers = {name: entry for name, entry in row["peers"].items() if "median_ms" in entry}
+  assert {"torch_sum", "torchjd_mean", "torchjd_mgda", "torchjd_upgrad"} <= set(peers)
+  for name, entry in peers.items():
+    timed = entry["method"] in row["methods"]
+    assert ("speedup_of_ours" in entry) == timed, name
+    if timed:
+      assert entry["speedup_of_ours"] == entry["median_ms"] / row["methods"][entry["method"]]["median_ms"]
+  assert "speedup_of_ours_through_representation" in peers["torchjd_upgrad"]
+  assert "speedup_of_ours_through_representation" not in peers["torchjd_mgda"]
 
 
 def test_memory_writes_json(tmp_path):
@@ -116,3 +139,85 @@ def test_compile_time_writes_json(tmp_path):
     assert row["steps"]["sum_grad"]["ratio_to_sum_grad"] == 1.0
     for entry in row["steps"].values():
       assert entry["trace_s"] > 0 and entry["compile_s"] > 0 and entry["instructions"] > 0
+
+
+def test_gpu_suite_jobs_parse_with_their_scripts():
+  suite = load("gpu_suite")
+  outputs = set()
+  for stage in suite.STAGES.values():
+    for job in stage.jobs:
+      assert job.output not in outputs  # two jobs writing one file would skip each other
+      outputs.add(job.output)
+      argv = job.command(suite.RESULTS)[2:]
+      if job.script == "pytest":
+        assert "-n" in argv  # pytest-xdist, in the GPU image
+        continue
+      args = load(job.script.removesuffix(".py")).parse(argv)
+      assert args.out.endswith(job.output) and "_gpu" in job.output
+    for merge in stage.merges:
+      assert any(job.output.startswith(f"{merge}_k") for job in stage.jobs)
+
+
+def test_gpu_suite_runs_merges_and_packs_a_stage(tmp_path, monkeypatch):
+  import tarfile
+
+  suite = load("gpu_suite")
+  tiny = ("--tiny", "--only", "mgda")
+  jobs = suite.train_step_jobs("train_step_tiny_gpu", (2, 3), tiny, peers=False)
+  monkeypatch.setitem(suite.STAGES, "tiny", suite.Stage(600, tuple(jobs), ("train_step_tiny_gpu",)))
+  results, archive = tmp_path / "results", tmp_path / "out"
+  results.mkdir()
+  (results / "older.json").write_text("{}")  # a result of an earlier call: not packed again
+  report = suite.run_stage("tiny", results, archive, budget_s=None)
+  assert [entry["status"] for entry in report] == ["exit 0", "exit 0"], report
+  merged = json.loads((results / "train_step_tiny_gpu.json").read_text())
+  assert [row["K"] for row in merged["rows"]] == merged["sizes"]["ks"] == [2, 3]
+  assert merged["merged_from"] == ["train_step_tiny_gpu_k2.json", "train_step_tiny_gpu_k3.json"]
+  assert (results / "train_step_tiny_gpu.png").stat().st_size > 0
+  with tarfile.open(archive / "gpu_tiny.tar.gz") as tar:
+    assert set(tar.getnames()) == {"train_step_tiny_gpu_k2.json", "train_step_tiny_gpu_k3.json",
+                                   "train_step_tiny_gpu.json", "train_step_tiny_gpu.png", "gpu_suite_tiny.log"}
+  # A second call skips what is there; an exhausted budget starts nothing.
+  again = suite.run_stage("tiny", results, None, budget_s=None, dry_run=True)
+  assert [entry["status"] for entry in again] == ["done before", "done before"]
+  (results / "train_step_tiny_gpu_k3.json").unlink()
+  spent = suite.run_stage("tiny", results, None, budget_s=0, dry_run=True)
+  assert [entry["status"] for entry in spent] == ["done before", "skipped: budget spent"]
+
+
+def test_gpu_suite_wheels_cover_the_peers_requirements():
+  # Every package the peers import beyond the GPU image's (numpy, scipy, torch, setuptools, jinja2,
+  # joblib) travels as a wheel; the ones left out (suite.LEFT_OUT) are not needed to solve.
+  pytest.importorskip("torchjd")
+  import subprocess
+  import sys
+  from importlib import metadata
+
+  import packaging.requirements
+
+  suite = load("gpu_suite")
+  pinned = {pin.split("==")[0].lower() for pin in suite.PEER_WHEELS}
+  in_image = {"numpy", "scipy", "torch", "setuptools", "jinja2", "joblib", "jax", "jaxlib"}
+  needed = set()
+  for package, extras in (("torchjd", {"nash-mtl", "cagrad", "quadprog-projector"}), ("cvxpy", set()),
+                          ("osqp", set()), ("qpsolvers", set()), ("jaxopt", set()), ("clarabel", set())):
+    for text in metadata.requires(package) or []:
+      requirement = packaging.requirements.Requirement(text)
+      if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in extras):
+        needed.add(requirement.name.lower())
+  assert needed - in_image - set(suite.LEFT_OUT) <= pinned, needed - in_image - pinned
+  # The peers' solves without the packages left out.
+  script = f"""
+import sys, warnings
+for name in {list(suite.LEFT_OUT)!r}:
+  sys.modules[name] = None
+warnings.simplefilter("ignore")
+import torch
+from torchjd import aggregation
+g = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+for aggregator in (aggregation.NashMTL(n_tasks=4), aggregation.CAGrad(c=0.4), aggregation.UPGrad()):
+  assert torch.isfinite(aggregator(g)).all()
+print("solved")
+"""
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+  assert done.stdout.strip() == "solved", done.stderr
