@@ -7,7 +7,11 @@ built from scratch (``jax.clear_caches()``), lowered (``trace_s``: tracing and
 lowering to StableHLO) and compiled (``compile_s``: XLA); ``instructions`` is
 the number of HLO instructions in the compiled program and ``and_ops`` the
 number of its ``and`` ops (the symptom of the flag duplication that the
-non-finite policy used to suffer, see ``optax_mtl._src.aggregation.all_finite``).
+non-finite policy used to suffer, see ``optax_mtl._src.aggregation.all_finite``);
+``while_loops`` counts its loops and ``data_dependent_loops`` those without a
+trip count known to XLA (a solver's convergence test): XLA:GPU runs such a loop
+from the host, copying its predicate back and waiting for the stream at every
+iteration, where a loop of known trip count is launched without a wait.
 Steps, each with ``optax.adam`` and ``optax.apply_updates``:
 
 - ``sum_grad``: ``jax.grad`` of the summed loss, no ``optax_mtl`` (the floor);
@@ -84,9 +88,12 @@ def measure(name: str, k: int, params, x, y) -> dict:
   compiled = lowered.compile()
   done = time.perf_counter()
   text = compiled.as_text()
-  instructions = sum(1 for line in text.splitlines() if line.lstrip().startswith(("%", "ROOT ")))
+  lines = text.splitlines()
+  instructions = sum(1 for line in lines if line.lstrip().startswith(("%", "ROOT ")))
+  loops = [line for line in lines if " while(" in line]
   return {"trace_s": traced - start, "compile_s": done - traced, "instructions": instructions,
-          "and_ops": text.count(" and(")}
+          "and_ops": text.count(" and("), "while_loops": len(loops),
+          "data_dependent_loops": sum("known_trip_count" not in line for line in loops)}
 
 
 def run(args) -> dict:
@@ -100,11 +107,12 @@ def run(args) -> dict:
     for name in args.only or STEPS:
       samples = [measure(name, args.tasks, params, x, y) for _ in range(args.repeats)]
       entry = {key: statistics.median(s[key] for s in samples) for key in ("trace_s", "compile_s")}
-      entry.update(instructions=samples[0]["instructions"], and_ops=samples[0]["and_ops"],
-                   repeats=args.repeats)
+      entry.update({key: samples[0][key] for key in ("instructions", "and_ops", "while_loops",
+                                                     "data_dependent_loops")}, repeats=args.repeats)
       steps[name] = entry
       print(f"depth {depth:4d} {name:<22} trace {entry['trace_s']:7.2f} s  compile {entry['compile_s']:7.2f} s"
-            f"  {entry['instructions']:8d} instructions  {entry['and_ops']:7d} and", flush=True)
+            f"  {entry['instructions']:8d} instructions  {entry['and_ops']:7d} and"
+            f"  {entry['while_loops']:3d} loops, {entry['data_dependent_loops']} data-dependent", flush=True)
     if "sum_grad" in steps:
       floor = steps["sum_grad"]["trace_s"] + steps["sum_grad"]["compile_s"]
       for entry in steps.values():

@@ -20,9 +20,10 @@ Each job is one benchmark process writing its JSON under ``benchmarks/results``
 while the budget has room, skips a job whose JSON already exists (results
 fetched from an earlier call travel back with the working tree), merges the
 per-``K`` train-step files into one, prints a summary and packs every new
-result and log into ``--archive``/``gpu_<stage>.tar.gz``, to be unpacked in
-the repository here. Stages (their budgets leave room for the machine's start
-and the transfers):
+result and log into ``--archive``/``gpu_<stage>.tar.gz`` (also when a merge
+or the summary fails), to be unpacked in the repository here. Stages (each
+budget leaves 60 s of the call's 600 for the wheels' install, the merges and
+the archive):
 
 - ``mlp``: ``train_step.py`` on the 0.92M MLP, K = 2, 3, 10, 40, every method,
   the breakdown, the cheap paths and the peers (TorchJD and the official
@@ -30,8 +31,8 @@ and the transfers):
 - ``scaling``: the 10M trunk (K = 2, 10, 40, with the peers) and the 100M
   trunk (K = 2, 10), the aggregation share at K = 10 from their breakdown;
 - ``solvers``: ``weight_solvers.py``, ``compile_time.py`` and the conv trunk;
-- ``memory``: ``memory.py`` (compiled and measured peaks, the largest trunk
-  at K = 10);
+- ``memory``: ``memory.py``, the compiled and measured peaks at K = 2, 10, 40,
+  then the largest trunk at K = 10 (compiled peaks only);
 - ``tests``: the test suite with ``pytest -n 8`` on the GPU.
 """
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -95,7 +97,7 @@ def train_step_jobs(name: str, ks, args=(), peers=True) -> list[Job]:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  budget_s: float  # for the jobs; a call is 600 s, of which the install and packing take some
+  budget_s: float  # for the jobs: a command may run 600 s, which also covers the install and the archive
   jobs: tuple[Job, ...]
   merges: tuple[str, ...] = ()  # train-step names whose per-K files are merged
 
@@ -111,18 +113,36 @@ STAGES = {
         Job("compile_time_gpu.json", "compile_time.py"),
         *train_step_jobs("train_step_conv_gpu", (2, 10, 40), ("--model", "conv", "--repeats", "10"), peers=False),
     ), ("train_step_conv_gpu",)),
-    "memory": Stage(540, (Job("memory_gpu.json", "memory.py"),)),
+    # The measured peaks come from fresh child processes, which must not each preallocate 75%.
+    "memory": Stage(540, (Job("memory_gpu.json", "memory.py", ("--search-ks",), SHARE_GPU),
+                          Job("memory_largest_trunk_gpu.json", "memory.py", ("--ks", "10", "--no-measure")))),
+    # Eight test processes share the GPU.
     "tests": Stage(540, (Job("tests_gpu.xml", "pytest", ("-q", "-n", "8", "-p", "no:cacheprovider"),
-                             (("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)),)),
+                             SHARE_GPU),)),
 }
 
 
+# What must agree between the per-K files of one merged result (they may come from different calls).
+MERGE_KEYS = {"environment": ("platform", "device_kind", "jax", "jaxlib", "optax", "optax_mtl"),
+              "sizes": ("model", "batch", "input_shape", "width", "depth", "head_dim", "trunk_params")}
+
+
 def merge_train_step(results: pathlib.Path, name: str) -> pathlib.Path | None:
-  """``<name>_k*.json`` -> ``<name>.json`` (rows sorted by K) and its plot; None if none ran."""
-  parts = sorted(results.glob(f"{name}_k*.json"))
+  """``<name>_k*.json`` -> ``<name>.json`` (rows sorted by K) and its plot; None if none ran.
+
+  Raises ``ValueError`` if the parts differ in device, versions, model or settings.
+  """
+  parts = sorted(results.glob(f"{name}_k*.json"), key=lambda path: int(path.stem.rsplit("_k", 1)[1]))
   if not parts:
     return None
   loaded = [json.loads(path.read_text()) for path in parts]
+  for path, result in zip(parts[1:], loaded[1:]):
+    for group, keys in MERGE_KEYS.items():
+      for key in keys:
+        if result[group].get(key) != loaded[0][group].get(key):
+          raise ValueError(f"{path.name} and {parts[0].name} differ in {group}.{key}")
+    if result["settings"] != loaded[0]["settings"]:
+      raise ValueError(f"{path.name} and {parts[0].name} differ in their settings")
   merged = dict(loaded[0])
   merged["rows"] = sorted((row for result in loaded for row in result["rows"]), key=lambda row: row["K"])
   merged["sizes"] = {**merged["sizes"], "ks": [row["K"] for row in merged["rows"]]}
@@ -172,19 +192,29 @@ def run_stage(name: str, results: pathlib.Path, archive: pathlib.Path | None, bu
       print(f"{entry['job']:<32}{entry['status']:<24}{entry.get('seconds', '')}", flush=True)
   if dry_run:
     return report
-  for merge in stage.merges:
-    path = merge_train_step(results, merge)
-    if path is not None:
-      print(f"merged {path.name}")
-  summarize(results, name)
-  if archive is not None:
-    new = [path for path in sorted(results.iterdir())
-           if path.is_file() and before.get(path) != path.stat().st_mtime]
-    archive.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive / f"gpu_{name}.tar.gz", "w:gz") as tar:
-      for path in new:
-        tar.add(path, arcname=path.name)
-    print(f"packed {len(new)} files into {archive / f'gpu_{name}.tar.gz'}")
+  try:
+    # A failed merge or summary is reported and logged; the jobs' own files are packed regardless.
+    for step in [functools.partial(merge_train_step, results, merge) for merge in stage.merges] + [
+        functools.partial(summarize, results, name)]:
+      try:
+        path = step()
+        if path is not None:
+          print(f"merged {path.name}")
+      except Exception as err:  # pylint: disable=broad-except
+        message = f"{step.func.__name__}{step.args[1:]}: {type(err).__name__}: {err}"
+        report.append({"job": step.func.__name__, "status": f"failed: {message}"})
+        print(f"FAILED {message}", flush=True)
+        with open(log_path, "a") as log:
+          log.write(f"\nFAILED {message}\n")
+  finally:
+    if archive is not None:
+      new = [path for path in sorted(results.iterdir())
+             if path.is_file() and before.get(path) != path.stat().st_mtime]
+      archive.mkdir(parents=True, exist_ok=True)
+      with tarfile.open(archive / f"gpu_{name}.tar.gz", "w:gz") as tar:
+        for path in new:
+          tar.add(path, arcname=path.name)
+      print(f"packed {len(new)} files into {archive / f'gpu_{name}.tar.gz'}")
   return report
 
 

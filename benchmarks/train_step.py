@@ -55,7 +55,8 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   iteration cap and stopping rule). Each peer is timed round-robin with the
   other peers (after ours, so the two runtimes' thread pools never overlap;
   on CUDA each peer step ends with ``torch.cuda.synchronize()``, as each of
-  ours ends with ``block_until_ready``), and each gets the speed-up of our
+  ours ends with ``block_until_ready``, and PyTorch's float32 matmuls use TF32
+  as JAX's default does on a GPU), and each gets the speed-up of our
   step for the same method and K (peer median / our median), on the per-task
   tree and through the representation. Run the peers on an idle machine: with another
   process on a core, PyTorch's OpenMP threads spin-wait on it and its steps
@@ -376,7 +377,8 @@ def peer_calls(k, params, batches, modules, device):
   torch, aggregation, autojac = modules
   torch_batches = [(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)) for x, y in batches]
   # CUDA runs asynchronously: without a synchronisation the timer would measure the launches.
-  synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+  on_cuda = torch.device(device).type == "cuda"
+  synchronize = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
   mse = torch.nn.functional.mse_loss
   calls, notes = {}, {}
 
@@ -444,6 +446,9 @@ def time_peers(args, k, params, batches, modules, method_timings, cheap_timings)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # cvxpy's "not DPP" warning on every Nash solve
     timings = common.time_interleaved(calls, repeats=args.peer_repeats)
+  del calls  # the models and optimizer states; on CUDA, give their cached memory back to the device
+  if modules[0].device(args.torch_device).type == "cuda":
+    modules[0].cuda.empty_cache()
   for name, entry in timings.items():
     ours = PEER_METHOD[name]
     entry["method"] = ours
@@ -479,6 +484,11 @@ def run(args) -> dict:
     if args.torch_device is None:
       on_gpu = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
       args.torch_device = "cuda" if on_gpu else "cpu"
+    if args.torch_device != "cpu":
+      # JAX's default float32 matmul on a GPU rounds its operands to TF32; PyTorch's keeps FP32
+      # unless told: the same arithmetic on both sides ("high": TF32). optax_mtl's own Gram and
+      # weightings run at full precision either way.
+      torch.set_float32_matmul_precision("high")
   rows = []
   sizes = None
   for k in args.ks:
@@ -499,7 +509,8 @@ def run(args) -> dict:
       row["peers"] = time_peers(args, k, params, batches, modules, methods, cheap)
       plain = references.get("sum_grad", methods[BASELINE])  # --only may leave sum_grad out
       slowdown = row["peers"]["torch_sum"]["median_ms"] / plain["median_ms"]
-      if slowdown > 10:  # the same backward pass in both frameworks: an order of magnitude is not the framework
+      # The same backward pass in both frameworks: an order of magnitude is not the framework.
+      if slowdown > 10 and args.torch_device == "cpu":
         row["peers_warning"] = (f"PyTorch's plain step is {slowdown:.0f}x slower than JAX's: another process"
                                 " probably holds a core (OpenMP threads spin-waiting on a busy core); rerun on an"
                                 " idle machine, or with --torch-threads 1 or OMP_WAIT_POLICY=PASSIVE")
@@ -511,6 +522,7 @@ def run(args) -> dict:
       "peers": {
           "versions": peer_versions(), "torch_threads": modules[0].get_num_threads(),
           "torch_device": args.torch_device,
+          "torch_float32_matmul_precision": modules[0].get_float32_matmul_precision(),
           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
           "step": "torch.optim.Adam(lr=1e-4), float32, the same initial weights and batches",
           "torchjd": "autojac.mtl_backward(losses, features=trunk output) + autojac.jac_to_grad(trunk params, A)",
