@@ -1,12 +1,17 @@
-"""Test configuration: 8 fake CPU devices and strict rank promotion.
+"""Test configuration: 8 fake CPU devices, strict rank promotion, full-precision matmuls on GPU.
 
-Both settings must precede any JAX operation, hence they live here.
+These settings must precede any JAX operation, hence they live here.
 """
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+if jax.default_backend() != "cpu":
+  # The tests hold float32 paths to float32 tolerances; a GPU's default float32 matmul rounds to
+  # TF32 (the library's own Gram and weightings are at full precision regardless, and
+  # test_precision covers reduced precisions explicitly).
+  jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402

@@ -59,3 +59,14 @@ def per_task_gradients(params: dict, x: jax.Array, y: jax.Array):
 
 def is_shared(params: dict) -> dict:
   return {"trunk": True, "heads": False}
+
+
+def mesh_devices(count: int) -> list:
+  """``count`` devices for a test mesh: the default backend's, or else conftest's fake CPU ones.
+
+  A one-GPU machine has too few of its own; there the sharded side of a test runs on the CPU.
+  """
+  devices = jax.devices()
+  if len(devices) < count:
+    devices = jax.devices("cpu")
+  return devices[:count]

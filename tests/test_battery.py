@@ -193,7 +193,7 @@ def test_sharded_equals_unsharded(case, axis_type):
   tx = optax.chain(make(case), optax.adam(1e-2))
   expected, _ = jax.jit(tx.update)(jac, tx.init(params), params, task_losses=losses)
 
-  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,), devices=problems.mesh_devices(8))
   # Every trunk leaf is split over "model" along its first axis; heads stay replicated.
   param_spec = {"trunk": {"w": P("model", None), "b": P("model")},
                 "heads": jax.tree.map(lambda _: P(), params["heads"])}

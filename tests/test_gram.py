@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optax_mtl
+import problems
 import reference
 
 MATRIX_CASES = [c for c in reference.cases() if reference.has(c, "G")]
@@ -143,7 +144,7 @@ def test_combine_validates_weights():
 def test_sharded_gram_all_reduces_and_never_gathers(axis_type):
   rng = np.random.default_rng(4)
   tree = {"w": rng.normal(size=(3, 64, 16)).astype(np.float32), "b": rng.normal(size=(3, 16)).astype(np.float32)}
-  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,))
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(axis_type,), devices=problems.mesh_devices(8))
   specs = {"w": P(None, None, "model"), "b": P(None, "model")}
   sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()}
   weights = jnp.array([0.3, -1.0, 2.0])
@@ -168,7 +169,7 @@ def test_sharded_inputs_without_a_mesh_context_never_gather(spec):
   # must still contract each shard locally, whichever axis is sharded.
   rng = np.random.default_rng(5)
   tree = {"w": rng.normal(size=(3, 64, 16)).astype(np.float32), "b": rng.normal(size=(3, 16)).astype(np.float32)}
-  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,), devices=problems.mesh_devices(8))
   sharded = {"w": jax.device_put(tree["w"], NamedSharding(mesh, spec)),
              "b": jax.device_put(tree["b"], NamedSharding(mesh, P(None, "model")))}
   gram_fn = jax.jit(optax_mtl.gram)

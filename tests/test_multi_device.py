@@ -32,6 +32,7 @@ import optax_mtl
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+import problems
 import scripts
 from transforms import CASES
 
@@ -83,7 +84,7 @@ def sharded_problem(mesh):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_gram_all_reduces_a_float32_k_by_k_matrix_and_nothing_else(axis_type, dtype):
-  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2, devices=problems.mesh_devices(8))
   _, jac, _ = sharded_problem(mesh)
   jac = jax.tree.map(lambda g: g.astype(dtype), jac)
   with jax.set_mesh(mesh):
