@@ -49,6 +49,10 @@ import sys
 import tarfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import common  # noqa: E402
+import train_step  # noqa: E402  (its plot, for the merged results)
+
 HERE = pathlib.Path(__file__).parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -147,10 +151,6 @@ def merge_train_step(results: pathlib.Path, name: str) -> pathlib.Path | None:
   merged["rows"] = sorted((row for result in loaded for row in result["rows"]), key=lambda row: row["K"])
   merged["sizes"] = {**merged["sizes"], "ks": [row["K"] for row in merged["rows"]]}
   merged["merged_from"] = [path.name for path in parts]
-  sys.path.insert(0, str(HERE))
-  import common
-  import train_step
-
   path = common.write(merged, results / f"{name}.json", f"{name}.json")
   train_step.plot(merged, path.with_suffix(".png"))
   for part in parts:  # each job's plot of its one K, superseded by the merged one
