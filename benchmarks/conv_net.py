@@ -4,13 +4,15 @@
 doubling up to ``width``, then a global average pool: the representation
 ``z`` is ``(batch, width)`` and the heads are those of the MLP model
 (``gradient_paths.py``), one linear regression head per task. Inputs are
-``(batch, image_size, image_size, 3)`` images (NHWC).
+``(batch, image_size, image_size, 3)`` images (NHWC). ``torch_trunk`` is the
+same trunk in PyTorch, for the peers of ``train_step.py``.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import gradient_paths
@@ -53,6 +55,40 @@ def encoder(params, x, y):
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.nn.relu(h + layer["b"][None, None, None, :])
   return jnp.mean(h, axis=(1, 2))
+
+
+def torch_trunk(torch, trunk):
+  """``encoder`` in ``torch.nn`` (NCHW) with the same weights and the same padding."""
+  nn = torch.nn
+
+  class SameConv(nn.Conv2d):
+    """A strided convolution padded as XLA's ``SAME``.
+
+    XLA pads ``total // 2`` before and the rest after (a side of 32 at stride 2:
+    0 and 1); ``Conv2d(padding=1)`` would pad 1 and 1, shifting every window.
+    """
+
+    def forward(self, h):
+      pads = []
+      for size, kernel, stride in zip(h.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):
+        total = max((-(-size // stride) - 1) * stride + kernel - size, 0)  # F.pad: last dimension first
+        pads += [total // 2, total - total // 2]
+      return super().forward(nn.functional.pad(h, pads))
+
+  layers = []
+  for layer in trunk:
+    height, width, fan_in, out = layer["w"].shape
+    conv = SameConv(fan_in, out, kernel_size=(height, width), stride=2)
+    with torch.no_grad():
+      conv.weight.copy_(torch.as_tensor(np.array(layer["w"]).transpose(3, 2, 0, 1)))  # HWIO -> OIHW
+      conv.bias.copy_(torch.as_tensor(np.array(layer["b"])))
+    layers += [conv, nn.ReLU()]
+  return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def torch_inputs(x):
+  """A batch of NHWC images in the NCHW layout of ``torch_trunk``."""
+  return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def task_losses(params, x, y):

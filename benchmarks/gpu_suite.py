@@ -30,7 +30,9 @@ the archive):
   Nash-MTL step, PyTorch on CUDA), one process per K;
 - ``scaling``: the 10M trunk (K = 2, 10, 40, with the peers) and the 100M
   trunk (K = 2, 10), the aggregation share at K = 10 from their breakdown;
-- ``solvers``: ``weight_solvers.py``, ``compile_time.py`` and the conv trunk;
+- ``solvers``: ``weight_solvers.py``; the weightings with data-dependent loops and their 10M steps at
+  K = 10 once more with those loops kept on the device (``DEVICE_LOOPS``) and once as by default;
+  the conv trunk; ``compile_time.py``;
 - ``memory``: ``memory.py``, the compiled and measured peaks at K = 2, 10, 40,
   then the largest trunk at K = 10 (compiled peaks only);
 - ``tests``: the test suite with ``pytest -n 8`` on the GPU.
@@ -92,11 +94,21 @@ class Job:
 SHARE_GPU = (("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)
 
 
-def train_step_jobs(name: str, ks, args=(), peers=True) -> list[Job]:
+# XLA:GPU runs a while_loop whose trip count it cannot infer (a solver's convergence test) from the
+# host, copying the predicate back and waiting for the stream at every iteration (WhileThunk). Command
+# buffers that may hold loops and conditionals keep them on the device (CUDA graph conditional nodes,
+# CUDA >= 12.3), but XLA leaves WHILE and CONDITIONAL out of its default command buffers; the solvers
+# stage times the weightings and a 10M step both ways.
+DEVICE_LOOPS = (("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"),)
+LOOPING_WEIGHTINGS = ("nash", "mgda", "cagrad", "upgrad", "dualproj")  # those with such loops
+LOOPING_STEPS = ("nash_mtl", "mgda", "cagrad", "upgrad", "dualproj", "aligned_mtl")  # Aligned-MTL: none
+
+
+def train_step_jobs(name: str, ks, args=(), peers=True, env=()) -> list[Job]:
   """One process per K (a timeout then costs one K, not the run); merged into ``<name>.json``."""
   peer_args = ("--peers",) if peers else ("--no-peers",)
   return [Job(f"{name}_k{k}.json", "train_step.py", ("--ks", str(k), *peer_args, *args),
-              SHARE_GPU if peers else ()) for k in ks]
+              (SHARE_GPU if peers else ()) + tuple(env)) for k in ks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +126,14 @@ STAGES = {
         ("train_step_10m_gpu", "train_step_100m_gpu")),
     "solvers": Stage(540, (
         Job("weight_solvers_gpu.json", "weight_solvers.py"),
+        Job("weight_solvers_device_loops_gpu.json", "weight_solvers.py",
+            ("--ks", "2", "10", "40", "--methods", *LOOPING_WEIGHTINGS), DEVICE_LOOPS),
+        *train_step_jobs("train_step_10m_host_loops_gpu", (10,), (*MLP_10M, "--only", *LOOPING_STEPS), peers=False),
+        *train_step_jobs("train_step_10m_device_loops_gpu", (10,), (*MLP_10M, "--only", *LOOPING_STEPS),
+                         peers=False, env=DEVICE_LOOPS),
+        *train_step_jobs("train_step_conv_gpu", (2, 10, 40), ("--model", "conv", "--repeats", "10")),
         Job("compile_time_gpu.json", "compile_time.py"),
-        *train_step_jobs("train_step_conv_gpu", (2, 10, 40), ("--model", "conv", "--repeats", "10"), peers=False),
-    ), ("train_step_conv_gpu",)),
+    ), ("train_step_10m_host_loops_gpu", "train_step_10m_device_loops_gpu", "train_step_conv_gpu")),
     # The measured peaks come from fresh child processes, which must not each preallocate 75%.
     "memory": Stage(540, (Job("memory_gpu.json", "memory.py", ("--search-ks",), SHARE_GPU),
                           Job("memory_largest_trunk_gpu.json", "memory.py", ("--ks", "10", "--no-measure")))),
@@ -218,8 +235,25 @@ def run_stage(name: str, results: pathlib.Path, archive: pathlib.Path | None, bu
   return report
 
 
+def compare_loops(results: pathlib.Path) -> None:
+  """Each looping weighting's default solver with its loops run from the host and kept on the device."""
+  host, device = (results / f"weight_solvers{tag}_gpu.json" for tag in ("", "_device_loops"))
+  if not (host.exists() and device.exists()):
+    return
+  by_problem = {(row["method"], row["K"], row["matrix"]): row for row in json.loads(host.read_text())["rows"]}
+  print("weightings, host loops -> device loops (median ms):")
+  for row in json.loads(device.read_text())["rows"]:
+    solver = next(iter(row["solvers"]))  # the default solver comes first
+    base = by_problem.get((row["method"], row["K"], row["matrix"]))
+    if base is not None:
+      print(f"  {row['method']:<9}K={row['K']:<3}{row['matrix']:<9}"
+            f"{base['solvers'][solver]['median_ms']:.3f} -> {row['solvers'][solver]['median_ms']:.3f}")
+
+
 def summarize(results: pathlib.Path, name: str) -> None:
   """The figures the targets are read from, printed last (the device call returns the end of the output)."""
+  if name == "solvers":
+    compare_loops(results)
   for merge in STAGES[name].merges:
     path = results / f"{merge}.json"
     if not path.exists():

@@ -75,6 +75,23 @@ def encoder(params, x, y):
   return h
 
 
+def torch_trunk(torch, trunk):
+  """``encoder`` in ``torch.nn`` with the same weights (the PyTorch peers of ``train_step.py``)."""
+  layers = []
+  for layer in trunk:
+    linear = torch.nn.Linear(*layer["w"].shape)
+    with torch.no_grad():
+      linear.weight.copy_(torch.as_tensor(np.array(layer["w"]).T))  # np.array: a writable copy
+      linear.bias.copy_(torch.as_tensor(np.array(layer["b"])))
+    layers += [linear, torch.nn.ReLU()]
+  return torch.nn.Sequential(*layers)
+
+
+def torch_inputs(x):
+  """A batch of inputs in the layout of ``torch_trunk``: as it is."""
+  return x
+
+
 def heads_losses(params, z, x, y):
   return heads_losses_per_task(params, [z] * len(params["heads"]), x, y)
 

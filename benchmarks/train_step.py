@@ -5,7 +5,7 @@ regression heads (mean squared error per task), Adam (lr 1e-4). Defaults: K in
 2, 3, 10, 40, a trunk of 256 -> 512 x 4 ReLU layers (0.92M parameters; the JSON
 records the counts), batch 256, 8 outputs per head. ``--model conv``: the
 small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
-(written to ``train_step_conv_<platform>.json``; no PyTorch peers). For each ``K``:
+(written to ``train_step_conv_<platform>.json``). For each ``K``:
 
 - **methods**: one jitted train step per method (per-task gradients, the
   transform, ``optax.adam``, ``optax.apply_updates``), timed round-robin with
@@ -44,7 +44,8 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   the trunk only, as TorchJD's ``mtl_backward``).
 - **peers** (optional; PyTorch float32, on the CPU with ``torch.set_num_threads``
   = the core count, or on CUDA when JAX runs on a GPU and PyTorch sees one, see
-  ``--torch-device``; the same initial weights and batches): a plain ``sum(losses)
+  ``--torch-device``; the same model, initial weights and batches, the conv trunk
+  in NCHW with XLA's ``SAME`` padding): a plain ``sum(losses)
   .backward()`` step; TorchJD 0.18 ``mtl_backward`` + ``jac_to_grad`` with
   ``Mean``, ``MGDA``, ``NashMTL``, ``AlignedMTL``, ``UPGrad``, ``PCGrad`` and
   ``CAGrad(c=0.4)``; and the official nash-mtl training step (K
@@ -66,7 +67,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
   python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
-  python benchmarks/train_step.py --model conv --width 256 --depth 4   # the conv trunk (no peers)
+  python benchmarks/train_step.py --model conv --width 512 --depth 4   # the conv trunk
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
   python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
   python benchmarks/train_step.py --ks 40 --peers --only through_representation_mgda --out /tmp/p.json
@@ -352,30 +353,23 @@ def import_peers():
   return (torch, aggregation, autojac), None
 
 
-def torch_model(torch, params, device):
-  """The JAX model in ``torch.nn`` with the same initial weights (float32), on ``device``."""
-  nn = torch.nn
-  layers = []
-  for layer in params["trunk"]:
-    linear = nn.Linear(*layer["w"].shape)
-    with torch.no_grad():
-      linear.weight.copy_(torch.as_tensor(np.array(layer["w"]).T))  # np.array: a writable copy
-      linear.bias.copy_(torch.as_tensor(np.array(layer["b"])))
-    layers += [linear, nn.ReLU()]
+def torch_model(torch, params, device, net):
+  """The JAX model (``net``'s trunk, the linear heads) in ``torch.nn`` with the same initial weights, on ``device``."""
   heads = []
   for head in params["heads"]:
-    linear = nn.Linear(*head["w"].shape)
+    linear = torch.nn.Linear(*head["w"].shape)
     with torch.no_grad():
-      linear.weight.copy_(torch.as_tensor(np.array(head["w"]).T))
+      linear.weight.copy_(torch.as_tensor(np.array(head["w"]).T))  # np.array: a writable copy
       linear.bias.copy_(torch.as_tensor(np.array(head["b"])))
     heads.append(linear)
-  return nn.Sequential(*layers).to(device), nn.ModuleList(heads).to(device)
+  return net.torch_trunk(torch, params["trunk"]).to(device), torch.nn.ModuleList(heads).to(device)
 
 
-def peer_calls(k, params, batches, modules, device):
-  """One callable per peer, each running one training step on its own model copy on ``device``."""
+def peer_calls(k, params, batches, modules, device, net):
+  """One callable per peer, each running one training step on its own copy of ``net`` on ``device``."""
   torch, aggregation, autojac = modules
-  torch_batches = [(torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)) for x, y in batches]
+  torch_batches = [(torch.as_tensor(net.torch_inputs(x)).to(device), torch.as_tensor(y).to(device))
+                   for x, y in batches]
   # CUDA runs asynchronously: without a synchronisation the timer would measure the launches.
   on_cuda = torch.device(device).type == "cuda"
   synchronize = (lambda: torch.cuda.synchronize(device)) if on_cuda else (lambda: None)
@@ -383,7 +377,7 @@ def peer_calls(k, params, batches, modules, device):
   calls, notes = {}, {}
 
   def make(step_body):
-    trunk, heads = torch_model(torch, params, device)
+    trunk, heads = torch_model(torch, params, device, net)
     optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=LEARNING_RATE)
     state = {"i": 0}
 
@@ -442,7 +436,7 @@ PEER_METHOD = {"torch_sum": "linear_scalarization", "nash_mtl_official": "nash_m
 
 
 def time_peers(args, k, params, batches, modules, method_timings, cheap_timings):
-  calls, notes = peer_calls(k, params, batches, modules, args.torch_device)
+  calls, notes = peer_calls(k, params, batches, modules, args.torch_device, MODELS[args.model])
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # cvxpy's "not DPP" warning on every Nash solve
     timings = common.time_interleaved(calls, repeats=args.peer_repeats)
@@ -476,7 +470,7 @@ def peer_versions():
 
 
 def run(args) -> dict:
-  modules, peers_note = ((None, "not run (--no-peers; the default with --tiny and --model conv)") if not args.peers
+  modules, peers_note = ((None, "not run (--no-peers; the default with --tiny or --only)") if not args.peers
                          else import_peers())
   if modules is not None:
     torch = modules[0]
@@ -642,7 +636,7 @@ def parse(argv=None):
                       help="batch_size of value_and_jacobian / task_gradients / feature_task_gradients"
                       " (default None: vectorised, the library default; 1: sequential)")
   parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
-                      help="time the PyTorch/TorchJD peers (default: on, off with --tiny)")
+                      help="time the PyTorch/TorchJD peers (default: on, off with --tiny or --only)")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                       help="torch.set_num_threads for the peers (default: the core count)")
   parser.add_argument("--torch-device", default=None,
@@ -664,10 +658,8 @@ def parse(argv=None):
     args.repeats, args.peer_repeats, args.num_batches = 2, 2, 2
     # Compilation is nearly all of a tiny run (about 30 jitted functions per K).
     args.compiler_options = {"xla_backend_optimization_level": 0}
-  if args.peers and args.model != "mlp":
-    parser.error("the PyTorch peers are written for --model mlp")
   if args.peers is None:
-    args.peers = not args.tiny and args.model == "mlp" and not args.only
+    args.peers = not args.tiny and not args.only
   if args.breakdown_ks is None:
     args.breakdown_ks = [] if args.only else list(args.ks)
   return args

@@ -91,13 +91,40 @@ def test_train_step_writes_json(tmp_path, model):
   assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_train_step_times_the_peers_against_a_subset(tmp_path):
+@pytest.mark.parametrize("model, image_size", [("mlp", None), ("conv", 8), ("conv", 7)])
+def test_the_peers_trunk_computes_our_representation(model, image_size):
+  # Same weights, same function: the peers time the model we time (an odd image side is padded
+  # differently by XLA's SAME).
+  torch = pytest.importorskip("torch")
+  import numpy as np
+
+  train_step = load("train_step")
+  args = train_step.parse(["--tiny", "--model", model])
+  args.image_size = image_size or args.image_size
+  net = train_step.MODELS[model]
+  params = net.init_for(args, 2)
+  (x, y), = train_step.make_batches(args, 2)[:1]
+  trunk, heads = train_step.torch_model(torch, params, "cpu", net)
+  with torch.no_grad():
+    z = trunk(torch.as_tensor(net.torch_inputs(x))).numpy()
+    outputs = np.stack([head(torch.as_tensor(z)).numpy() for head in heads], axis=1)
+  expected = np.asarray(net.encoder(params, x, y))
+  assert z.shape == expected.shape == (args.batch, args.width)
+  np.testing.assert_allclose(z, expected, rtol=1e-4, atol=1e-5)
+  for i, head in enumerate(params["heads"]):
+    np.testing.assert_allclose(outputs[:, i], expected @ np.asarray(head["w"]) + np.asarray(head["b"]),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+def test_train_step_times_the_peers_against_a_subset(tmp_path, model):
   # The peers are the benchmark extra, not the test extra: this runs where they are installed.
   pytest.importorskip("torchjd")
   out = tmp_path / "train_step.json"
-  load("train_step").main(["--tiny", "--peers", "--torch-device", "cpu", "--only", "mgda",
+  load("train_step").main(["--tiny", "--model", model, "--peers", "--torch-device", "cpu", "--only", "mgda",
                            "through_representation_upgrad", "--out", str(out)])
   result = json.loads(out.read_text())
+  assert result["sizes"]["model"] == model
   assert result["peers"]["torch_device"] == "cpu"
   (row,) = result["rows"]
   assert set(row["methods"]) == {"linear_scalarization", "mgda"}
@@ -163,6 +190,33 @@ def test_gpu_suite_jobs_parse_with_their_scripts():
         assert dict(job.env)["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false", job
     for merge in stage.merges:
       assert any(job.output.startswith(f"{merge}_k") for job in stage.jobs)
+
+
+def test_gpu_suite_times_device_loops_against_the_same_jobs_as_by_default():
+  suite = load("gpu_suite")
+  jobs = {job.output: job for job in suite.STAGES["solvers"].jobs}
+  device = [name for name in jobs if "device_loops" in name]
+  assert len(device) == 2
+  for name in device:
+    assert "+WHILE" in dict(jobs[name].env)["XLA_FLAGS"]
+    twin = jobs.get(name.replace("_device_loops", "_host_loops")) or jobs[name.replace("_device_loops", "")]
+    assert "XLA_FLAGS" not in dict(twin.env)
+    # The same problems both ways (the default weight-solver job covers every method and K).
+    if twin.args:
+      assert twin.args == jobs[name].args
+
+
+def test_gpu_suite_compares_each_weighting_with_its_loops_on_host_and_device(tmp_path, capsys):
+  suite = load("gpu_suite")
+  rows = [{"method": "nash", "K": 10, "matrix": "random", "d": 8,
+           "solvers": {"newton": {"median_ms": 2.0}, "ccp": {"median_ms": 9.0}}},
+          {"method": "mgda", "K": 40, "matrix": "random", "d": 8, "solvers": {"fw": {"median_ms": 3.0}}}]
+  (tmp_path / "weight_solvers_gpu.json").write_text(json.dumps({"rows": rows}))
+  device = [dict(rows[0], solvers={"newton": {"median_ms": 0.5}, "ccp": {"median_ms": 1.0}})]
+  (tmp_path / "weight_solvers_device_loops_gpu.json").write_text(json.dumps({"rows": device}))
+  suite.compare_loops(tmp_path)
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and lines[1].split() == ["nash", "K=10", "random", "2.000", "->", "0.500"]
 
 
 def test_gpu_suite_runs_merges_and_packs_a_stage(tmp_path, monkeypatch):
