@@ -36,11 +36,11 @@ def test_gram_matches_float64_reference(case):
   np.testing.assert_array_equal(m, m.T)
 
 
+@pytest.mark.parametrize("k", [2, 10, 19])  # row pairs; 8-row tiles and a partial one
 @pytest.mark.parametrize("columns", [2 * 16384, 3 * 16384 + 5, 16384 + 7])
-def test_wide_leaves_blocked_gram_matches_float64(columns):
+def test_wide_leaves_blocked_gram_matches_float64(columns, k):
   """Leaves wide enough for the blocked CPU contraction (blocks of 16384 columns, and a remainder)."""
   rng = np.random.default_rng(columns)
-  k = 4
   leaf = rng.normal(size=(k, columns)).astype(np.float32) * np.logspace(0, 3, k)[:, None].astype(np.float32)
   jac = {"flat": jnp.asarray(leaf), "shaped": jnp.asarray(leaf[:, : columns - columns % 8].reshape(k, 8, -1))}
   expected = sum(np.asarray(x, np.float64).reshape(k, -1) @ np.asarray(x, np.float64).reshape(k, -1).T
@@ -180,13 +180,13 @@ def test_sharded_inputs_without_a_mesh_context_never_gather(spec):
   np.testing.assert_allclose(gram_fn(sharded), reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("k", [4, 11])
 @pytest.mark.parametrize("columns", [100, 2 * 16384, 3 * 16384 + 5])
-def test_task_trees_gram_and_combine_equal_the_stacked_ones(columns):
+def test_task_trees_gram_and_combine_equal_the_stacked_ones(columns, k):
   """K per-task trees given as a list (the feature level's per-task heads), narrow and blocked."""
   from optax_mtl._src import gram as gram_lib
 
   rng = np.random.default_rng(columns)
-  k = 4
   scales = np.logspace(0, 3, k)
   trees = [{"wide": jnp.asarray(rng.normal(size=(columns,)) * s, jnp.float32),
             "matrix": jnp.asarray(rng.normal(size=(3, 5)) * s, jnp.float32),

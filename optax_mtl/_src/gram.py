@@ -54,21 +54,48 @@ def _plain_cpu(leaf) -> bool:
 
 
 # Columns per block of the blocked CPU Gram: a (K, 16384) float32 block is
-# 640 KiB at K = 10, so each block's product runs from cache.
+# 640 KiB at K = 10, so each block's products run from cache.
 _CPU_GRAM_BLOCK = 16384
+
+
+def _cpu_gram_tile(k: int) -> int:
+  """Rows per tile of the blocked CPU Gram: row pairs up to ``K = 10``, then 8-row panels.
+
+  XLA:CPU's matrix product of a ``(K, 16384)`` block with itself is fast for
+  some ``K`` and several times slower for others; the products of row
+  pairs, or of 8-row panels, are not. For one ``(K, 3.2M)`` leaf (median ms,
+  the whole product, the pairs, the panels): ``K = 2`` 16.9, 5.5, 15.8;
+  ``K = 6`` 29.1, 20.5, 36.8; ``K = 8`` 24.9, 26.9, 24.8; ``K = 10`` 132.9,
+  42.6, 78.8; ``K = 12`` 153.1, 69.2, 55.7; ``K = 16`` 112.1, 96.1, 75.2;
+  ``K = 40`` 377.9, -, 321.5.
+  """
+  return 1 if k <= 10 else 8
+
+
+def _tiled_gram(block: jax.Array, dtype) -> jax.Array:
+  """``block @ block.T`` assembled from the products of its row tiles, each pair once (it is symmetric)."""
+  k = block.shape[0]
+  tile = _cpu_gram_tile(k)
+  starts = range(0, k, tile)
+  products = {(p, q): lax.dot_general(block[p:p + tile], block[q:q + tile], (((1,), (1,)), ((), ())),
+                                      precision=lax.Precision.HIGHEST, preferred_element_type=dtype)
+              for p in starts for q in starts if q >= p}
+  return jnp.block([[products[p, q] if q >= p else products[q, p].T for q in starts] for p in starts])
 
 
 def _cpu_blocked_gram(rows: list, dtype) -> jax.Array:
   """The ``(K, K)`` Gram of ``K`` unsharded CPU rows: one ``(K, n)`` matrix, or a list of ``K`` arrays of ``n``.
 
-  XLA:CPU contracts a short-and-wide ``(K, n)`` matrix with itself at about
-  4 GFLOP/s (162 ms for ``K = 10``, ``n = 3.2M``, where OpenBLAS takes 23
-  ms) and a contraction over several axes 2.7 times slower still (39 vs 14.5
-  ms for four ``(10, 512, 512)`` leaves). Summing the products of column
-  blocks in a loop took 34 ms for the same matrix. A list is never stacked
-  whole, only block by block: the feature level's ``K`` representation
-  gradients (``benchmarks/results/train_step_malloc_*``: its step at K = 40
-  went from 2.2x to 1.4x that of linear scalarization).
+  XLA:CPU contracts a short-and-wide ``(K, n)`` matrix with itself at a few
+  GFLOP/s (226 ms for ``K = 10``, ``n = 3.2M``, where OpenBLAS takes 23 to
+  45 ms) and a contraction over several axes 2.7 times slower still (39 vs
+  14.5 ms for four ``(10, 512, 512)`` leaves). The products of 16384-column
+  blocks are summed in a loop, each block's from its row tiles
+  (``_cpu_gram_tile``): 42 ms for that matrix (``K = 2``: 38.9 -> 5.2 ms,
+  ``K = 40``: 461 -> 243 ms). A list is never stacked whole, only block by
+  block: the feature level's ``K`` representation gradients
+  (``benchmarks/results/train_step_malloc_*``: its step at K = 40 went from
+  2.2x to 1.4x that of linear scalarization).
   """
   if isinstance(rows, jax.Array):
     k, n = rows.shape
@@ -80,11 +107,13 @@ def _cpu_blocked_gram(rows: list, dtype) -> jax.Array:
   dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                                   preferred_element_type=dtype)
   blocks = n // _CPU_GRAM_BLOCK
+  # Narrow leaves and the remainder take one product: the tiles' K(K+1)/2
+  # operations pay off only in the loop body, compiled once for every block.
   if blocks < 2:
     return dot(columns(0, n))
 
   def add_block(i, total):
-    return total + dot(columns(i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK))
+    return total + _tiled_gram(columns(i * _CPU_GRAM_BLOCK, _CPU_GRAM_BLOCK), dtype)
 
   total = lax.fori_loop(0, blocks, add_block, jnp.zeros((k, k), dtype))
   if n > blocks * _CPU_GRAM_BLOCK:
@@ -119,7 +148,7 @@ def gram(per_task_grads: PyTree, mask: PyTree | None = None) -> jax.Array:
   ``K x K`` results are summed over leaves. On parameters sharded over a mesh (Explicit
   or Auto axes) this lowers to local contractions plus one all-reduce. On XLA:CPU an unsharded
   leaf is contracted as a ``(K, n)`` matrix, in blocks of 16384 columns when it
-  is wide (4.4x faster for a ``(10, 3.2M)`` leaf).
+  is wide (5.4x faster for a ``(10, 3.2M)`` leaf: 42 vs 226 ms).
 
   Args:
     per_task_grads: pytree of per-task gradients, every leaf ``(K, ...)``.
