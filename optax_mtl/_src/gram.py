@@ -107,7 +107,7 @@ def _cpu_blocked_gram(rows: list, dtype) -> jax.Array:
   dot = lambda a: lax.dot_general(a, a, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
                                   preferred_element_type=dtype)
   blocks = n // _CPU_GRAM_BLOCK
-  # Narrow leaves and the remainder take one product: the tiles' K(K+1)/2
+  # Narrow leaves and the remainder take one product: the tiles' (up to K(K+1)/2)
   # operations pay off only in the loop body, compiled once for every block.
   if blocks < 2:
     return dot(columns(0, n))
