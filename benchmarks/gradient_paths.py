@@ -75,15 +75,20 @@ def encoder(params, x, y):
   return h
 
 
+def torch_linear(torch, layer):
+  """A ``torch.nn.Linear`` with the weights of a ``{"w": (in, out), "b": (out,)}`` layer."""
+  linear = torch.nn.Linear(*layer["w"].shape)
+  with torch.no_grad():
+    linear.weight.copy_(torch.as_tensor(np.array(layer["w"]).T))  # np.array: a writable copy
+    linear.bias.copy_(torch.as_tensor(np.array(layer["b"])))
+  return linear
+
+
 def torch_trunk(torch, trunk):
   """``encoder`` in ``torch.nn`` with the same weights (the PyTorch peers of ``train_step.py``)."""
   layers = []
   for layer in trunk:
-    linear = torch.nn.Linear(*layer["w"].shape)
-    with torch.no_grad():
-      linear.weight.copy_(torch.as_tensor(np.array(layer["w"]).T))  # np.array: a writable copy
-      linear.bias.copy_(torch.as_tensor(np.array(layer["b"])))
-    layers += [linear, torch.nn.ReLU()]
+    layers += [torch_linear(torch, layer), torch.nn.ReLU()]
   return torch.nn.Sequential(*layers)
 
 

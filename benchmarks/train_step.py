@@ -355,13 +355,7 @@ def import_peers():
 
 def torch_model(torch, params, device, net):
   """The JAX model (``net``'s trunk, the linear heads) in ``torch.nn`` with the same initial weights, on ``device``."""
-  heads = []
-  for head in params["heads"]:
-    linear = torch.nn.Linear(*head["w"].shape)
-    with torch.no_grad():
-      linear.weight.copy_(torch.as_tensor(np.array(head["w"]).T))  # np.array: a writable copy
-      linear.bias.copy_(torch.as_tensor(np.array(head["b"])))
-    heads.append(linear)
+  heads = [mlp.torch_linear(torch, head) for head in params["heads"]]
   return net.torch_trunk(torch, params["trunk"]).to(device), torch.nn.ModuleList(heads).to(device)
 
 
