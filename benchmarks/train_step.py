@@ -333,7 +333,8 @@ def time_breakdown(args, k, params, batches, method_timings):
                         "optimizer_ms": medians["optimizer"]}
   for name, entry in per_method.items():
     entry["stages_total_ms"] = sum(entry.values())
-    entry["step_ms"] = method_timings[name]["median_ms"]
+    if name in method_timings:  # --only with --breakdown-ks may leave a method's step out
+      entry["step_ms"] = method_timings[name]["median_ms"]
   return {"stages": stages, "methods": per_method}
 
 

@@ -96,6 +96,20 @@ def test_update_weights_every_reuses_the_last_weights(traced):
     np.testing.assert_allclose(updates["trunk"]["w"], expected["trunk"]["w"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("period", [0, -2])
+def test_a_traced_period_below_one_refreshes_every_step(period):
+  params = problems.init_params()
+  factory = optax.inject_hyperparams(optax_mtl.weighted_aggregation, static_args=("num_tasks", "weighting"))
+  tx = factory(K, inverse_norm, update_weights_every=3)
+  state = tx.init(params)
+  state.hyperparams["update_weights_every"] = jnp.asarray(period, state.hyperparams["update_weights_every"].dtype)
+  step = jax.jit(tx.update)
+  for t in range(3):
+    _, jac = problems.per_task_gradients(params, *problems.make_batch(seed=30 + t))
+    _, state = step(jac, state, params)
+    np.testing.assert_allclose(optax.tree.get(state, "weights"), inverse_norm(optax_mtl.gram(jac)), rtol=1e-5)
+
+
 def test_initial_weights_and_validation():
   params = problems.init_params()
   tx = optax_mtl.weighted_aggregation(K, inverse_norm, initial_weights=jnp.array([1.0, 2.0, 3.0]))

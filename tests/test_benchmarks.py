@@ -91,6 +91,16 @@ def test_train_step_writes_json(tmp_path, model):
   assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_train_step_breakdown_of_a_subset(tmp_path):
+  # --only with --breakdown-ks: every weighting's stages, the step time of the methods that ran.
+  out = tmp_path / "subset.json"
+  result = load("train_step").main(["--tiny", "--only", "nash_mtl", "--breakdown-ks", "3", "--out", str(out)])
+  (row,) = result["rows"]
+  methods = row["breakdown"]["methods"]
+  assert methods["nash_mtl"]["step_ms"] == row["methods"]["nash_mtl"]["median_ms"]
+  assert "step_ms" not in methods["mgda"] and methods["mgda"]["weighting_ms"] > 0
+
+
 @pytest.mark.parametrize("model, image_size", [("mlp", None), ("conv", 8), ("conv", 7)])
 def test_the_peers_trunk_computes_our_representation(model, image_size):
   # Same weights, same function: the peers time the model we time (an odd image side is padded

@@ -23,6 +23,16 @@ def test_docstring_examples(name):
   assert result.failed == 0
 
 
+def test_every_docstring_example_is_collected():
+  """Each ``>>>`` line of the package's sources is an example doctest finds (none is lost to formatting)."""
+  finder = doctest.DocTestFinder()
+  for name in MODULES:
+    module = importlib.import_module(name)
+    found = sum(len(test.examples) for test in finder.find(module) if test.filename == module.__file__)
+    source = pathlib.Path(module.__file__).read_text()
+    assert found == len(re.findall(r"^\s*>>> ", source, flags=re.M)), name
+
+
 def readme_blocks(language):
   text = (ROOT / "README.md").read_text()
   return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)

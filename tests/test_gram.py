@@ -163,12 +163,15 @@ def test_sharded_gram_all_reduces_and_never_gathers(axis_type):
   assert d["w"].sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
 
 
+@pytest.mark.parametrize("shape", [(64, 16), (8, 4 * 16384 // 8 + 8)], ids=["narrow", "blocked"])
 @pytest.mark.parametrize("spec", [P(None, None, "model"), P(None, "model", None)], ids=["minor", "major"])
-def test_sharded_inputs_without_a_mesh_context_never_gather(spec):
+def test_sharded_inputs_without_a_mesh_context_never_gather(spec, shape):
   # Outside jax.set_mesh the CPU path merges the non-task axes; the partitioner
-  # must still contract each shard locally, whichever axis is sharded.
+  # must still contract each shard locally, whichever axis is sharded. "blocked":
+  # wide enough for the blocked CPU Gram's loop of dynamic slices, were it taken.
   rng = np.random.default_rng(5)
-  tree = {"w": rng.normal(size=(3, 64, 16)).astype(np.float32), "b": rng.normal(size=(3, 16)).astype(np.float32)}
+  tree = {"w": rng.normal(size=(3, *shape)).astype(np.float32),
+          "b": rng.normal(size=(3, 16)).astype(np.float32)}
   mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,), devices=problems.mesh_devices(8))
   sharded = {"w": jax.device_put(tree["w"], NamedSharding(mesh, spec)),
              "b": jax.device_put(tree["b"], NamedSharding(mesh, P(None, "model")))}

@@ -253,6 +253,8 @@ def test_alternative_solvers_in_the_transform(solver):
   updates, state = jax.jit(tx.update)(jac, tx.init(params), params)
   expected, expected_state = reference_tx.update(jac, reference_tx.init(params), params)
   np.testing.assert_allclose(state.weights, expected_state.weights, rtol=2e-3)
+  for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(u, e, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(e))))
   assert bool(state.weighting_state.info.solvable)
 
 

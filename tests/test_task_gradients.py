@@ -204,11 +204,38 @@ def test_feature_level_cached_weights():
   step = jax.jit(lambda p, s, x, y: tx.update(optax_mtl.feature_task_gradients(encoder, heads)(p, x, y), s, p))
   state = tx.init(params)
   _, state = step(params, state, x, y)
+  # The first step refreshes from the representation Gram of its own batch (not the initial ones).
+  z = encoder(params, x, y)
+  jac_z = jax.jacrev(lambda rep: heads(params, rep, x, y))(z)
+  np.testing.assert_allclose(state.weights, inverse_norm(optax_mtl.gram({"z": jac_z})), rtol=1e-5)
+  assert not np.allclose(state.weights, 1.0)
   x2, y2 = problems.make_batch(seed=7)
   updates, state2 = step(params, state, x2, y2)
   np.testing.assert_array_equal(state2.weights, state.weights)
   expected = jax.grad(lambda p: jnp.dot(state.weights, problems.task_losses(p, x2, y2)))(params)
   assert_trees_close(updates, expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("path", ["task_gradients", "feature_level"])
+def test_half_precision_losses_take_weights_beyond_their_range(path, dtype):
+  """The weighted backward pass runs in the losses' dtype; weights up to 2e5 (float16 ends at 65504)."""
+  params, x, y = setup()
+  weights = jnp.array([7e4, 1e5, 2e5])
+  half = lambda fn: lambda *args: fn(*args).astype(dtype)
+  if path == "task_gradients":
+    grads_fn = optax_mtl.task_gradients(half(problems.task_losses))
+  else:
+    grads_fn = optax_mtl.feature_task_gradients(encoder, half(heads))
+  tx = optax_mtl.weighted_aggregation(K, lambda gram: weights, update_weights_every=2)
+  step = jax.jit(lambda state: tx.update(grads_fn(params, x, y), state, params))
+  expected = jax.grad(lambda p: jnp.dot(weights, problems.task_losses(p, x, y)))(params)
+  state = tx.init(params)
+  for _ in range(2):  # a refresh, then a cached step (one weighted backward pass)
+    updates, state = step(state)
+    assert int(state.nonfinite_count) == 0
+    for u, e in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(u, e, rtol=0, atol=4 * float(jnp.finfo(dtype).eps) * float(jnp.max(jnp.abs(e))))
 
 
 def stacked_heads_per_task(params, zs, x, y):

@@ -195,7 +195,8 @@ def weighted_aggregation(
       callable ``params -> pytree of bools`` marking the shared parameters.
     update_weights_every: recompute the weights every this many updates and
       reuse the last ones in between (Nash-MTL's ``update_weights_every``).
-      The Gram and the weighting are skipped on the steps in between.
+      The Gram and the weighting are skipped on the steps in between. A
+      traced value (``optax.inject_hyperparams``) below 1 counts as 1.
     initial_weights: ``(K,)`` weights held in the state before the first
       update (default ones).
     task_specific_weights: ``(K,)`` weights for the task-specific leaves
@@ -278,7 +279,8 @@ def weighted_aggregation(
       # gradient convolutions inside a conditional branch in a layout its
       # fast convolution path does not take (a conv net's backward pass ran
       # 8x slower there), which made the cached steps cost a refresh.
-      due = state.count % update_weights_every == 0
+      # A traced period below 1 (inject_hyperparams) cannot raise; it refreshes every step.
+      due = state.count % jnp.maximum(update_weights_every, 1) == 0
 
       def refresh_weights(weighting_state):
         return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)

@@ -92,8 +92,9 @@ def _cpu_blocked_gram(rows: list, dtype) -> jax.Array:
   14.5 ms for four ``(10, 512, 512)`` leaves). The products of 16384-column
   blocks are summed in a loop, each block's from its row tiles
   (``_cpu_gram_tile``): 42 ms for that matrix (``K = 2``: 38.9 -> 5.2 ms,
-  ``K = 40``: 461 -> 243 ms). A list is never stacked whole, only block by
-  block: the feature level's ``K`` representation gradients
+  ``K = 40``: 461 -> 243 ms). A list of wide rows (two blocks or more) is
+  never stacked whole, only block by block (narrower ones are, in one
+  product): the feature level's ``K`` representation gradients
   (``benchmarks/results/train_step_malloc_*``: its step at K = 40 went from
   2.2x to 1.4x that of linear scalarization).
   """

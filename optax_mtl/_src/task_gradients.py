@@ -55,6 +55,23 @@ def _map_cotangents(fn: Callable, num_tasks: int, batch_size: int | None, dtype)
   return _map_tasks(fn, jnp.eye(num_tasks, dtype=dtype), batch_size)
 
 
+def _weighted_pass(backward: Callable, weights: jax.Array, dtype) -> PyTree:
+  """``backward(w)``, the VJP of ``sum_i w_i L_i``, with the cotangent in the losses' ``dtype``.
+
+  In float16 or bfloat16 the weights themselves could overflow (float16 ends at
+  65504, below Nash-MTL's ``1/||g_i||`` for small gradients) or flush to zero, so
+  the pass runs on ``w / max|w|`` and its result is scaled back in float32 (then
+  cast to each leaf's dtype, as ``combine`` does). The cotangent still carries
+  the losses' precision: 8 bits in bfloat16.
+  """
+  if jnp.finfo(dtype).bits >= 32:
+    return backward(weights.astype(dtype))
+  scale = jnp.max(jnp.abs(weights)).astype(jnp.float32)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  grads = backward((weights / scale).astype(dtype))
+  return jax.tree.map(lambda g: (g.astype(jnp.float32) * scale).astype(g.dtype), grads)
+
+
 def _check_batch_size(batch_size):
   if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
     raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}.")
@@ -282,7 +299,7 @@ class VJPTaskGradients(_LazyTaskGradients):
     return self._map_cotangents(self._vjp)
 
   def full_update(self, weights):
-    return self._vjp(weights.astype(self.losses.dtype))
+    return _weighted_pass(self._vjp, weights, self.losses.dtype)
 
   def _shared_jacobian(self, flags):
     # Only the shared leaves' Jacobian is formed; XLA prunes the rest of the
@@ -358,8 +375,8 @@ class FeatureTaskGradients(_LazyTaskGradients):
   def _task_copies(self):
     # Loss i reads only copy i of z, so the gradient of the summed losses
     # with respect to the K copies holds every task's gradient: one backward
-    # pass of the heads, not K. They stay a list of K trees: the Gram and the
-    # combination read them without stacking them.
+    # pass of the heads, not K. They stay a list of K trees: on XLA:CPU the
+    # Gram reads wide ones block by block and the combination in one fused sum.
     return _representation_gradients(self._heads_vjp, self.losses)
 
   def jacobian(self):
@@ -388,15 +405,19 @@ class FeatureTaskGradients(_LazyTaskGradients):
     if flags is None or other_weights is None or all(flags):
       # The encoder's cotangent from the representation gradients at hand:
       # one contraction instead of a weighted pass back through the heads.
-      return self._update(weights, combination(weights)), (weights, out)
+      return self._update(weights, combination), (weights, out)
     return self.weighted_update(weights, flags, other_weights), (weights, out)
 
   def full_update(self, weights):
     return self._update(weights)
 
-  def _update(self, weights, z_cotangent=None):
-    return _backward_through_heads(self._encoder_vjp, self._heads_vjp, self._per_task_heads,
-                                   weights.astype(self.losses.dtype), z_cotangent)
+  def _update(self, weights, combination=None):
+    def backward(cotangent):
+      z_cotangent = None if combination is None else combination(cotangent)
+      return _backward_through_heads(self._encoder_vjp, self._heads_vjp, self._per_task_heads, cotangent,
+                                     z_cotangent)
+
+    return _weighted_pass(backward, weights, self.losses.dtype)
 
 
 def _representation_gradients(heads_vjp, losses):
@@ -546,7 +567,11 @@ def task_gradients(
       is never stored, at about twice the compute. The columns run
       ``batch_size`` at a time (``None`` means one at a time here). For models whose Jacobian
       does not fit in memory. Methods that need the explicit per-task
-      gradients (GradDrop) reject it.
+      gradients (GradDrop) reject it. The JVP runs in the model's precision
+      (a float16 Gram entry overflows beyond 65504, and the refresh is then
+      skipped as non-finite), and it needs forward-mode derivatives
+      throughout: a model with a ``jax.custom_vjp`` (fused attention kernels)
+      must keep the Jacobian.
 
   Returns:
     A function ``(params, *args) -> TaskGradients``.
@@ -627,8 +652,9 @@ def feature_task_gradients(
       parameters and ``jnp.stack(zs)``. Then one backward pass of the heads
       gives all ``K`` representation gradients, and ``batch_size`` does not
       enter. They stay ``K`` separate arrays: on XLA:CPU the Gram reads them
-      in column blocks and the combination in one fused sum, without
-      stacking them first (at ``K = 40`` on that MLP: 1.4x the step of
+      in column blocks (it stacks copies under 32768 numbers, and other
+      backends stack them all) and the combination in one fused sum,
+      without stacking them first (at ``K = 40`` on that MLP: 1.4x the step of
       linear scalarization, against 2.2x with the stack). A loss that reads
       another task's copy is not detected and makes the Gram wrong.
     level: ``"representation"`` (default): the Gram of the representation
