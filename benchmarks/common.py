@@ -8,6 +8,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -33,11 +34,13 @@ def environment() -> dict:
 
   device = jax.devices()[0]
   return {
+      "source": source(),
       "platform": device.platform,
       "device_kind": device.device_kind,
       "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(),
       "machine": platform.machine(),
+      "cpu_model": cpu_model(),
       "python": platform.python_version(),
       "jax": jax.__version__,
       "jaxlib": jaxlib.__version__,
@@ -47,6 +50,47 @@ def environment() -> dict:
       "date": time.strftime("%Y-%m-%d"),
       "process_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(_RECORDED_ENV_PREFIXES)},
   }
+
+
+def source() -> dict:
+  """The code a result was measured on: the git commit and whether the tree had changes.
+
+  A lent device receives the working tree without ``.git``; there the commit comes from
+  ``OPTAX_MTL_COMMIT``, set in the command sent to it (see ``gpu_suite.py``).
+  """
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    return {"commit": commit, "uncommitted_changes": bool(changed)}
+  except (OSError, subprocess.CalledProcessError):
+    return {"commit": os.environ.get("OPTAX_MTL_COMMIT"), "uncommitted_changes": None}
+
+
+def cpu_model() -> str | None:
+  """The host CPU's model name (Linux), which ``device_kind`` does not give on CPU."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
+
+def package_versions(names) -> dict:
+  """Installed version of each named distribution, None where it is missing."""
+  import importlib.metadata as metadata
+
+  versions = {}
+  for name in names:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  return versions
 
 
 def block(tree):

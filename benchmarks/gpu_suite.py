@@ -2,9 +2,15 @@
 
 A lent machine (H100/H200) runs one command of at most 10 minutes at a time,
 30 minutes of device time a session, reaches no package registry, and ships
-its own Python 3.12 with JAX (CUDA), optax, flax and PyTorch (CUDA) but not
+its own Python 3.12 with JAX (CUDA), optax, flax, PyTorch (CUDA), matplotlib
+and the test suite's packages (pytest, pytest-xdist, hypothesis, orbax,
+scikit-learn, SciPy; the device tool's KINDS.md lists the image) but not
 TorchJD, cvxpy, ECOS, quadprog or jaxopt. So the work is cut into stages,
-each sized for one call, and the missing packages travel as wheels:
+each sized for one call, and the missing packages travel as wheels. Five
+stages and the machines' start-up take more than one session's device time:
+run ``mlp`` and ``scaling`` first (the issue's targets), then ``memory``,
+``solvers`` (likely two calls: a second call skips the jobs already done) and
+``tests``.
 
   python benchmarks/gpu_suite.py wheels             # here: download them into .whl/ (git-ignored)
   python benchmarks/gpu_suite.py plan               # print every stage's jobs
@@ -13,7 +19,11 @@ and on the GPU machine, with ``.whl`` carried and the repository as the
 working directory::
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \\
-    && PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_suite.py run mlp --archive $OUT
+    && PYTHONPATH=/tmp/site:$PWD OPTAX_MTL_COMMIT=<git rev-parse HEAD, here> \\
+       python3 benchmarks/gpu_suite.py run mlp --archive $OUT
+
+(the device receives the working tree without ``.git``: the commit, typed into
+the command here, is recorded in every JSON's ``environment.source``)
 
 Each job is one benchmark process writing its JSON under ``benchmarks/results``
 (the ``*_gpu*`` names); ``run`` gives a stage a time budget, starts a job only

@@ -115,14 +115,20 @@ def compiled_peak(path: str, k: int, args, width: int) -> dict:
           "xla_reported_peak_bytes": int(getattr(stats, "peak_memory_in_bytes", 0))}
 
 
-def measured_peak(path: str, k: int, args, width: int) -> int | None:
-  """The allocator's peak over two real steps, in a fresh process (the peak counter cannot be reset)."""
+def measured_peak(path: str, k: int, args, width: int) -> int | str | None:
+  """The allocator's peak over two real steps, in a fresh process (the peak counter cannot be reset).
+
+  None where the backend keeps no allocator statistics (CPU); the child's error, as a string, where
+  it failed (out of memory, say), so that one path's failure leaves the other rows.
+  """
   if jax.devices()[0].memory_stats() is None:
     return None
   command = [sys.executable, __file__, "--measure-one", path, "--ks", str(k), "--width", str(width),
              "--batch", str(args.batch), "--features", str(args.features), "--depth", str(args.depth),
              "--head-dim", str(args.head_dim)]
-  out = subprocess.run(command, capture_output=True, text=True, check=True)
+  out = subprocess.run(command, capture_output=True, text=True, check=False)
+  if out.returncode:
+    return f"exit {out.returncode}: " + (out.stderr.strip().splitlines() or [""])[-1][-300:]
   return int(json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes_in_use"])
 
 
@@ -203,7 +209,10 @@ def report(row):
   print(f"K = {row['K']}")
   for name, entry in row["paths"].items():
     measured = entry["measured_peak_bytes"]
-    measured = "" if measured is None else f"  measured {measured / 2**20:9.1f} MiB"
+    if isinstance(measured, int):
+      measured = f"  measured {measured / 2**20:9.1f} MiB"
+    else:
+      measured = "" if measured is None else f"  measured: {measured}"
     print(f"  {name:<22}{entry['compiled_peak_bytes'] / 2**20:>10.1f} MiB  x{entry['ratio_to_sum_grad']:.2f}{measured}")
   for name, entry in row.get("largest_trunk", {}).items():
     if entry.get("width"):

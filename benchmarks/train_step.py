@@ -67,7 +67,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
   python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
-  python benchmarks/train_step.py --model conv --width 512 --depth 4   # the conv trunk
+  python benchmarks/train_step.py --model conv --batch 32 --repeats 5   # the committed CPU conv run (the GPU's: batch 256)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
   python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
   python benchmarks/train_step.py --ks 40 --peers --only through_representation_mgda --out /tmp/p.json
@@ -449,18 +449,6 @@ def time_peers(args, k, params, batches, modules, method_timings, cheap_timings)
   return {**timings, **{name: {"note": note, "method": PEER_METHOD[name]} for name, note in notes.items()}}
 
 
-def peer_versions():
-  import importlib.metadata as metadata
-
-  versions = {}
-  for name in ("torch", "torchjd", "cvxpy", "ecos"):
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      versions[name] = None
-  return versions
-
-
 # ----------------------------------------------------------------------------- driver
 
 
@@ -509,7 +497,7 @@ def run(args) -> dict:
       "benchmark": "train_step",
       "environment": common.environment(),
       "peers": {
-          "versions": peer_versions(), "torch_threads": modules[0].get_num_threads(),
+          "versions": common.package_versions(("torch", "torchjd", "cvxpy", "ecos")), "torch_threads": modules[0].get_num_threads(),
           "torch_device": args.torch_device,
           "torch_float32_matmul_precision": modules[0].get_float32_matmul_precision(),
           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),

@@ -204,7 +204,7 @@ def run(args) -> dict:
   return {
       "benchmark": "weight_solvers",
       "environment": common.environment(),
-      "peers": _peer_versions(),
+      "peers": common.package_versions(("torchjd", "torch", "cvxpy", "quadprog")),
       "timing": "median of repeated calls after compilation; JAX calls include dispatch",
       "error": {
           "nash": "||M a - 1/a|| / ||1/a|| (inf: non-positive or non-finite weights)",
@@ -218,15 +218,6 @@ def run(args) -> dict:
       },
       "rows": rows,
   }
-
-
-def _peer_versions():
-  try:
-    import importlib.metadata as metadata
-
-    return {name: metadata.version(name) for name in ("torchjd", "torch", "cvxpy", "quadprog")}
-  except Exception:  # pylint: disable=broad-except
-    return None
 
 
 def plot(result: dict, path: pathlib.Path) -> None:

@@ -282,6 +282,37 @@ def test_nonfinite_gradients_are_skipped_and_counted(case):
   assert_trees_close(new_state.weighting_state, state.weighting_state, rtol=0, atol=0)
 
 
+def test_a_transform_given_no_leaves_passes(case):
+  # optax.masked, or an optax.partition label with no parameters, hands the
+  # transform an empty tree: K comes from num_tasks, not from the leaves.
+  params, jac, losses = problem()
+  tx = optax.masked(make(case), jax.tree.map(lambda _: False, params))
+  updates, state = jax.jit(lambda jac, state: tx.update(jac, state, params, task_losses=losses))(
+      jac, tx.init(params))
+  assert_trees_close(updates, jac, rtol=0, atol=0)
+  assert int(state.inner_state.nonfinite_count) == 0 and int(state.inner_state.count) == 1
+
+
+def test_propagated_nonfinite_input_makes_the_optimizer_skip_too(case):
+  # nonfinite="propagate" sends NaN on, so that optax.apply_if_finite on the
+  # optimizer after the transform keeps the optimizer's moments as well.
+  params, jac, losses = problem()
+  tx = optax.chain(make(case, nonfinite="propagate"), optax.apply_if_finite(optax.adam(1e-2), 3))
+  step = jax.jit(lambda jac, state: tx.update(jac, state, params, task_losses=losses))
+  _, state = step(jac, tx.init(params))
+  poisoned = dict(jac, trunk=dict(jac["trunk"], w=jac["trunk"]["w"].at[0, 1, 1].set(jnp.inf)))
+  updates, new_state = step(poisoned, state)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))  # apply_if_finite's zeros
+  assert int(new_state[0].nonfinite_count) == 1 and int(new_state[0].count) == 1
+  assert int(new_state[1].notfinite_count) == 1
+  assert_trees_close(new_state[1].inner_state, state[1].inner_state, rtol=0, atol=0)
+  updates, _ = step(jac, new_state)
+  leaves = [np.asarray(u) for u in jax.tree.leaves(updates)]
+  assert all(np.isfinite(u).all() for u in leaves) and any(np.any(u != 0) for u in leaves)  # stepping again
+  with pytest.raises(ValueError, match="nonfinite"):
+    make(case, nonfinite="zero")
+
+
 def test_step_never_synchronises_with_the_host(case):
   # The solvers run in-graph: no callbacks in the program, and a jitted step on
   # device-resident inputs moves nothing between host and device.

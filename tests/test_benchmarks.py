@@ -23,12 +23,26 @@ def test_gradient_paths_writes_json(tmp_path, monkeypatch):
   process_env = result["environment"]["process_env"]
   assert process_env["MALLOC_TRIM_THRESHOLD_"] == "68719476736"
   assert "OMP_NUM_THREADS_UNRELATED" not in process_env
+  source = result["environment"]["source"]
+  assert source["commit"] is None or len(source["commit"]) == 40
   expected = {"ls", "jacobian", "jacobian_chunked", "lazy_refresh", "streamed_gram", "cached", "feature_level"}
   assert set(result["results"]) == expected
   assert result["results"]["ls"]["ratio_to_ls"] == 1.0
   for entry in result["results"].values():
     assert entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
   assert result["sizes"]["num_tasks"] == 3
+
+
+def test_source_without_git_reads_the_commit_from_the_environment(monkeypatch):
+  common = load("common")
+  monkeypatch.setenv("PATH", "")  # no git: as on a lent device, which receives the tree without .git
+  monkeypatch.setenv("OPTAX_MTL_COMMIT", "0123abc")
+  assert common.source() == {"commit": "0123abc", "uncommitted_changes": None}
+
+
+def test_package_versions_marks_missing_packages():
+  versions = load("common").package_versions(("numpy", "no-such-distribution-xyz"))
+  assert versions["numpy"] and versions["no-such-distribution-xyz"] is None
 
 
 def test_weight_solvers_writes_json_and_plot(tmp_path):

@@ -113,8 +113,11 @@ def test_golden_mean_at_c0_and_rescale():
   w0 = optax_mtl.weighting.cagrad(gram, c=0.5, rescale=0)
   np.testing.assert_allclose(optax_mtl.weighting.cagrad(gram, c=0.5, rescale=1), w0 / 1.25, rtol=1e-6)
   np.testing.assert_allclose(optax_mtl.weighting.cagrad(gram, c=0.5, rescale=2), w0 / 1.5, rtol=1e-6)
-  with pytest.raises(ValueError, match="rescale"):
-    optax_mtl.weighting.cagrad(gram, rescale=3)
+  for bad in (3, 1.5, True):  # 1.5 used to pass as int(1.5) = 1, then act as 2
+    with pytest.raises(ValueError, match="rescale"):
+      optax_mtl.weighting.cagrad(gram, rescale=bad)
+    with pytest.raises(ValueError, match="rescale"):
+      optax_mtl.cagrad(2, rescale=bad)
 
 
 def test_worst_task_improvement_beats_the_mean_gradient():

@@ -58,3 +58,44 @@ def test_options_are_validated():
   for kwargs in ({"mode": "epoch"}, {"reduction": "max"}, {"window": 0}):
     with pytest.raises(ValueError):
       optax_mtl.dwa(K, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "blockwise"])
+def test_a_task_loss_of_zero_does_not_stop_training(mode):
+  # Task 0's loss is exactly 0 for 10 steps, then 0.5 again. 0 / 0 used to make
+  # the weights NaN; the skipped step rolled the history back, so every later
+  # step was skipped too (53 of 60 here).
+  window = 3
+  losses = LOSSES[:60].copy()
+  losses[10:20, 0] = 0.0
+  losses[20:, 0] = 0.5
+  tx = optax_mtl.dwa(K, window=window, mode=mode)
+  params = {"p": jnp.zeros(2)}
+  jac = {"p": jnp.asarray(np.random.default_rng(1).normal(size=(K, 2)), jnp.float32)}
+  state = tx.init(params)
+  for loss in losses:
+    updates, state = tx.update(jac, state, params, task_losses=jnp.asarray(loss))
+    assert np.all(np.isfinite(np.asarray(updates["p"]))) and np.any(np.asarray(updates["p"]) != 0)
+  assert int(state.nonfinite_count) == 0 and int(state.count) == len(losses)
+  # While both windows average 0, the task counts as unchanged: ratio 1.
+  state = tx.init(params)
+  for loss in losses[:19]:
+    _, state = tx.update(jac, state, params, task_losses=jnp.asarray(loss))
+  if mode == "sliding":
+    newer = losses[19 - window:19].mean(0)
+    older = losses[19 - 2 * window:19 - window].mean(0)
+    ratios = np.where(older != 0, newer / np.where(older != 0, older, 1), 1.0)
+    assert ratios[0] == 1.0
+    np.testing.assert_allclose(np.asarray(state.weights), np.exp(ratios / 2) / np.exp(ratios / 2).sum(), rtol=1e-5)
+
+
+def test_nan_losses_are_still_skipped():
+  tx = optax_mtl.dwa(K, window=2)
+  params = {"p": jnp.zeros(2)}
+  jac = {"p": jnp.ones((K, 2))}
+  state = tx.init(params)
+  for loss in LOSSES[:4]:
+    _, state = tx.update(jac, state, params, task_losses=jnp.asarray(loss))
+  updates, new_state = tx.update(jac, state, params, task_losses=jnp.asarray([np.nan, 1.0, 1.0]))
+  assert np.all(np.asarray(updates["p"]) == 0) and int(new_state.nonfinite_count) == 1
+  np.testing.assert_array_equal(np.asarray(new_state.weighting_state.history), np.asarray(state.weighting_state.history))

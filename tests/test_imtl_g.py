@@ -62,3 +62,23 @@ def test_transform():
   updates, state = tx.update(jac, tx.init(params), params)
   np.testing.assert_allclose(float(jnp.sum(state.weights)), 1.0, rtol=1e-5)
   np.testing.assert_allclose(updates["heads"]["task1"], state.weights[1] * jac["heads"]["task1"][1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 5, 10])
+def test_highly_aligned_tasks_get_equal_projections_not_zero_weights(k):
+  # Cosines of about 0.9999: the pseudo-inverse drops the cosine matrix's tiny
+  # eigenvalues and C y misses 1 by a uniform 1e-3, which read as "no solution"
+  # and gave zero weights in 4, 39 and 65 of 100 such draws for K = 3, 5, 10.
+  rng = np.random.default_rng(k)
+  for _ in range(20):
+    jac = (rng.normal(size=200) + 0.01 * rng.normal(size=(k, 200))).astype(np.float32)
+    w = np.asarray(optax_mtl.weighting.imtl_g(jnp.asarray(jac @ jac.T)), np.float64)
+    assert abs(w.sum() - 1) < 1e-5
+    d = w @ jac.astype(np.float64)
+    units = jac / np.linalg.norm(jac, axis=1, keepdims=True)
+    projections = units @ d
+    assert np.ptp(projections) <= 2e-3 * projections.mean()
+    g = jac.astype(np.float64)
+    exact = np.linalg.solve(g @ g.T / np.outer(*(2 * [np.linalg.norm(g, axis=1)])), np.ones(k))
+    exact_d = (exact / np.linalg.norm(g, axis=1)) @ g
+    assert d @ exact_d / np.linalg.norm(d) / np.linalg.norm(exact_d) > 1 - 1e-4

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_mtl
 from optax_mtl._src import numerics
 
 
@@ -115,3 +116,19 @@ def test_full_precision_sets_highest_matmul_precision():
 
   probe()
   assert seen == ["highest"]
+
+
+@pytest.mark.parametrize("name", ["aligned", "cagrad", "dualproj", "gradvac", "imtl_g", "mgda", "nash", "pcgrad",
+                                  "upgrad"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_public_weightings_give_nan_for_a_nonfinite_gram(name, bad):
+  # A NaN off the diagonal used to give finite weights from nash (zeros), mgda
+  # (uniform), imtl_g (zeros), upgrad and pcgrad.
+  jac = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+  gram = jnp.asarray(jac @ jac.T).at[0, 1].set(bad).at[1, 0].set(bad)
+  kwargs = {"key": jax.random.key(0)} if name in ("gradvac", "pcgrad") else {}
+  out = getattr(optax_mtl.weighting, name)(gram, **kwargs)
+  weights = out[0] if isinstance(out, tuple) else out
+  assert weights.shape == (3,) and np.all(np.isnan(np.asarray(weights)))
+  finite = getattr(optax_mtl.weighting, name)(jnp.asarray(jac @ jac.T), **kwargs)
+  assert np.all(np.isfinite(np.asarray(finite[0] if isinstance(finite, tuple) else finite)))

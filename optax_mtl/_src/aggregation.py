@@ -117,13 +117,21 @@ def all_finite(tree) -> jax.Array:
   return jnp.sqrt(jnp.sum(nonfinite)) == 0
 
 
+NonFinite = Literal["skip", "propagate"]
+
+
+def check_nonfinite(nonfinite) -> None:
+  if nonfinite not in ("skip", "propagate"):
+    raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}.")
+
+
 def finish_update(
     state: AggregationState,
     new_updates: PyTree,
     weights: jax.Array,
     weighting_state: PyTree,
     task_losses: jax.Array | None,
-    nonfinite: Literal["skip", "propagate"],
+    nonfinite: NonFinite,
 ) -> tuple[PyTree, AggregationState]:
   """Applies the non-finite policy and advances the state (shared by every transform)."""
   finite = all_finite((new_updates, weights, task_losses))
@@ -162,7 +170,7 @@ def weighted_aggregation(
     initial_weights: jax.Array | None = None,
     task_specific_weights: jax.Array | Callable[[jax.Array], jax.Array] | None = None,
     postprocess: Callable[[PyTree, list[bool] | None], PyTree] | None = None,
-    nonfinite: Literal["skip", "propagate"] = "skip",
+    nonfinite: NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Turns a Gram weighting into a multi-task gradient transformation.
 
@@ -225,8 +233,7 @@ def weighted_aggregation(
   if not isinstance(weighting, Weighting):
     weighting = stateless(weighting)
   static_every = _check_every(update_weights_every)
-  if nonfinite not in ("skip", "propagate"):
-    raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}.")
+  check_nonfinite(nonfinite)
   if task_specific_weights is None or callable(task_specific_weights):
     other_weights = task_specific_weights
   else:

@@ -113,6 +113,7 @@ def aligned_solve(
   return b @ omega.astype(gram.dtype), _info(gram, eigenvalues, kept)
 
 
+@numerics.nan_for_nonfinite_gram
 def aligned(
     gram: jax.Array,
     *,
@@ -164,6 +165,7 @@ def aligned_mtl(
     eps: float = FLOAT32_EPS,
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL / Aligned-MTL-UB (Senushkin et al., 2023).
 
@@ -190,6 +192,9 @@ def aligned_mtl(
     eps: relative rank tolerance (default float32 epsilon, as official).
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state``
@@ -239,4 +244,5 @@ def aligned_mtl(
       shared=shared,
       update_weights_every=update_weights_every,
       task_specific_weights=jnp.ones((k,), jnp.float32) if task_specific == "unweighted" else None,
+      nonfinite=nonfinite,
   )

@@ -290,10 +290,11 @@ def kkt_residual(gram: jax.Array, c: float, w: jax.Array) -> jax.Array:
 
 def _check_rescale(rescale):
   """``rescale`` in {0, 1, 2}; a traced value (``inject_hyperparams``) is taken as is."""
-  if not isinstance(rescale, jax.core.Tracer) and int(rescale) not in (0, 1, 2):
+  if not isinstance(rescale, jax.core.Tracer) and (isinstance(rescale, bool) or rescale not in (0, 1, 2)):
     raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}.")
 
 
+@numerics.nan_for_nonfinite_gram
 @numerics.full_precision
 def cagrad(gram: jax.Array, *, c: float = 0.4, rescale: Literal[0, 1, 2] = 1) -> jax.Array:
   r"""CAGrad weights: :math:`J^\top w` is the authors' update.
@@ -368,6 +369,7 @@ def cagrad_transform(
     task_specific: Literal["weighted", "unweighted"] = "unweighted",
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""CAGrad (Liu et al., 2021): conflict-averse update around the mean gradient.
 
@@ -385,6 +387,9 @@ def cagrad_transform(
     task_specific: ``"unweighted"`` (official) or ``"weighted"``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -407,4 +412,5 @@ def cagrad_transform(
       update_weights_every=update_weights_every,
       initial_weights=jnp.full((k,), factor / k),
       task_specific_weights=jnp.ones((k,), jnp.float32) if task_specific == "unweighted" else None,
+      nonfinite=nonfinite,
   )

@@ -115,8 +115,10 @@ def check_task_gradients(
       elif shape[0] != k:
         raise ValueError(
             f"Per-task gradient at '{name}' has shape {shape}, whose leading"
-            f" task axis is {shape[0]}; expected {k} (from {source}), i.e. shape"
-            f" {(k, *shape[1:])}."
+            f" axis is {shape[0]}; expected a leading task axis of {k} (from"
+            f" {source}). Without params this check reads only the leading"
+            " axes: pass params to tx.update to check every leaf against its"
+            " parameter's shape."
         )
     dtype = dtype_of(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):

@@ -46,6 +46,7 @@ def dwa(
     mode: Literal["sliding", "blockwise"] = "sliding",
     reduction: Literal["mean", "sum"] = "mean",
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic weight average (Liu et al., 2019).
 
@@ -62,6 +63,9 @@ def dwa(
     averages of the last two complete windows, and are ones during the first
     two windows.
 
+  A task whose loss averaged exactly 0 over the older window gets the ratio 1
+  (the references divide 0 by 0 and stop training on NaN weights).
+
   ``reduction="mean"`` (nash-mtl: the mean of the weighted losses, i.e.
   weights summing to 1) or ``"sum"`` (the paper: weights summing to ``K``).
   Needs ``task_losses``; no Gram matrix is computed, so with
@@ -74,6 +78,9 @@ def dwa(
     mode: ``"sliding"`` or ``"blockwise"``.
     reduction: ``"mean"`` or ``"sum"``.
     shared: mask of the shared parameters (every leaf gets the same weights).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state`` is
@@ -96,16 +103,23 @@ def dwa(
     rows = 2 * window if mode == "sliding" else 3
     return DWAState(jnp.ones((rows, num_tasks), dtype), jnp.zeros([], jnp.int32), jnp.ones((num_tasks,), dtype))
 
-  def softmax_weights(ratios):
-    return k * jax.nn.softmax(ratios / temperature)
+  def softmax_weights(newer, older):
+    # A task whose loss averaged exactly 0 over the older window (a float32
+    # cross-entropy of confident, correct predictions) has no rate: 0 / 0 made
+    # every weight NaN, the step was skipped with the history rolled back, and
+    # so was every later step. Such a task counts as unchanged (ratio 1); the
+    # clip keeps an overflowing ratio finite and NaN losses NaN.
+    ratios = jnp.where(older != 0, newer / jnp.where(older != 0, older, 1.0), 1.0)
+    limit = jnp.finfo(ratios.dtype).max
+    return k * jax.nn.softmax(jnp.clip(ratios / temperature, -limit, limit))
 
   def update(gram, state, task_losses):
     del gram
     losses = task_losses.astype(state.history.dtype)
     if mode == "sliding":
       history = jnp.concatenate([state.history[1:], losses[None]], axis=0)
-      ratios = jnp.mean(history[window:], axis=0) / jnp.mean(history[:window], axis=0)
-      weights = jnp.where(state.steps > window, softmax_weights(ratios), state.ratios_weights)
+      fresh = softmax_weights(jnp.mean(history[window:], axis=0), jnp.mean(history[:window], axis=0))
+      weights = jnp.where(state.steps > window, fresh, state.ratios_weights)
     else:
       position = state.steps % window
       current = state.history[2] * (position > 0) + losses
@@ -114,7 +128,7 @@ def dwa(
       completed = (state.steps + 1) // window  # windows completed after this step
       shifted = jnp.stack([newer, current / window, jnp.zeros_like(current)])
       history = jnp.where(boundary, shifted, jnp.stack([older, newer, current]))
-      fresh = softmax_weights(history[1] / history[0])
+      fresh = softmax_weights(history[1], history[0])
       # This step still belongs to the current window: the fresh weights
       # apply from the next one.
       new_state = DWAState(history, state.steps + 1,
@@ -128,4 +142,5 @@ def dwa(
       aggregation.Weighting(init=init, update=update, needs_gram=False, needs_task_losses=True),
       shared=shared,
       initial_weights=jnp.full((k,), factor),
+      nonfinite=nonfinite,
   )

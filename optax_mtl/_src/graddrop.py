@@ -55,7 +55,8 @@ def _task_sums(x):
   return jnp.sum(x, axis=tuple(range(1, x.ndim)))
 
 
-def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", signs=None, eps=0.0):
+def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", signs=None, eps=0.0,
+         num_tasks=None):
   """The GradDrop combination of per-task gradients for given uniforms.
 
   Args:
@@ -68,13 +69,14 @@ def drop(per_task_grads, uniforms, *, leak=0.0, purity: Purity = "coordinate", s
       one purity from the sums over all coordinates, one mask bit per task).
     signs: pytree of the signs of the representation (``None``: ones).
     eps: added to the purity's denominator (SamsungLabs uses 1e-8).
+    num_tasks: ``K``, needed only when ``per_task_grads`` has no leaves.
 
   Returns:
     ``(combined, kept)``: the combined tree and the ``(K,)`` fraction of each
     task's gradient mass (L1) that was kept.
   """
   leaves, treedef = jax.tree.flatten(per_task_grads)
-  k = contract.check_task_gradients(per_task_grads)
+  k = contract.check_task_gradients(per_task_grads, num_tasks)
   sign_leaves = [None] * len(leaves) if signs is None else jax.tree.leaves(signs)
   leak = jnp.broadcast_to(jnp.asarray(leak, jnp.promote_types(jnp.float32, jnp.result_type(leak))), (k,))
   dtypes = [jnp.promote_types(jnp.float32, g.dtype) for g in leaves]
@@ -149,6 +151,7 @@ def graddrop(
     purity: Purity = "coordinate",
     eps: float | jax.Array = 0.0,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradDrop (Chen et al., 2020): gradient sign dropout.
 
@@ -170,14 +173,18 @@ def graddrop(
 
   Args:
     num_tasks: number of tasks ``K``.
-    key: PRNG key or int seed (a static argument under
-      :func:`optax.inject_hyperparams`).
+    key: an int seed or a single PRNG key (``jax.random.key`` of any
+      implementation, or ``jax.random.PRNGKey`` data); an int also works as
+      an injected hyperparameter of :func:`optax.inject_hyperparams`.
     leak: the paper's leak :math:`\ell` (scalar or ``(K,)``), the fraction of
       each gradient always kept (SamsungLabs' ``leak`` is :math:`1 - \ell`;
       both 0.5 in its default).
     purity: ``"coordinate"`` or ``"global"``.
     eps: added to the purity denominator (SamsungLabs: 1e-8).
     shared: mask of the shared parameters (only they are dropped).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with an
@@ -190,7 +197,8 @@ def graddrop(
   k = contract.check_num_tasks(num_tasks)
   if purity not in ("coordinate", "global"):
     raise ValueError(f"purity must be 'coordinate' or 'global', got {purity!r}.")
-  initial_key = randomness.key_data(key)
+  aggregation.check_nonfinite(nonfinite)
+  initial_key, key_impl = randomness.key_data(key)
 
   def init_fn(params):
     dtype = aggregation.weights_dtype(params)
@@ -205,14 +213,14 @@ def graddrop(
     task_losses = aggregation.check_losses(task_losses, grads, k, required=False)
     flags = shared_lib.resolve(shared, params, grads.param_tree())
     jac, signs = grads.representation()
-    key_data, sub = randomness.next_key(state.weighting_state)
+    key_data, sub = randomness.next_key(state.weighting_state, key_impl)
     feature_level = signs is not None
     if flags is None or feature_level:
       selected = jac
     else:
       selected = [leaf for leaf, f in zip(jax.tree.leaves(jac), flags) if f]
     uniforms = draw_uniforms(sub, selected, purity)
-    dropped, kept = drop(selected, uniforms, leak=leak, purity=purity, signs=signs, eps=eps)
+    dropped, kept = drop(selected, uniforms, leak=leak, purity=purity, signs=signs, eps=eps, num_tasks=k)
     if flags is None or feature_level:
       combined = dropped
     else:
@@ -223,6 +231,6 @@ def graddrop(
     # A non-finite coordinate can be masked out of the combination: check the
     # input itself so that the step is skipped like every other method's.
     kept = jnp.where(aggregation.all_finite(jac), kept, jnp.nan).astype(state.weights.dtype)
-    return aggregation.finish_update(state, new_updates, kept, key_data, task_losses, "skip")
+    return aggregation.finish_update(state, new_updates, kept, key_data, task_losses, nonfinite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -46,6 +46,7 @@ def gradnorm(
     optimizer: optax.GradientTransformation | None = None,
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradNorm (Chen et al., 2018), trained inside the transform.
 
@@ -69,6 +70,9 @@ def gradnorm(
     update_weights_every: update the weights every this many steps.
     shared: mask of the parameters whose gradient norms are balanced (and
       that enter the Gram matrix).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state`` is
@@ -107,4 +111,5 @@ def gradnorm(
       aggregation.Weighting(init=init, update=update, needs_task_losses=True),
       shared=shared,
       update_weights_every=update_weights_every,
+      nonfinite=nonfinite,
   )

@@ -38,6 +38,7 @@ def _check_ema(ema):
     raise ValueError(f"ema must be 'always' or 'on_correction', got {ema!r}.")
 
 
+@numerics.nan_for_nonfinite_gram
 @numerics.full_precision
 def gradvac(
     gram: jax.Array,
@@ -57,6 +58,12 @@ def gradvac(
   computation runs on the cosine matrix: it is invariant to the scale of
   each task's gradient, and ``eps`` (added, as in TorchJD, to the two
   denominators) is relative to unit norms.
+
+  A correction aims at :math:`\min(\hat\phi, 1 - 16\,\epsilon)` (the
+  dtype's machine epsilon): a target of exactly 1, which the EMA of
+  duplicated tasks reaches in float32, is unreachable, and the references'
+  step towards it divides by ``eps`` (SamsungLabs: by 0) as soon as the
+  cosine rounds below 1. The stored targets are the plain EMA.
 
   Args:
     gram: ``(K, K)`` Gram matrix.
@@ -84,6 +91,7 @@ def gradvac(
   scaling = numerics.cosine_scaling(gram)
   cos = jnp.where(scaling.nonzero[:, None] & scaling.nonzero[None, :], scaling.cosines, 0.0)
   unit = scaling.nonzero.astype(gram.dtype)  # ||g_j|| in cosine scale (0 for zero gradients)
+  target_margin = 16 * jnp.finfo(gram.dtype).eps
 
   def vaccinate(i, order, row_targets):
     def visit(position, carry):
@@ -99,10 +107,16 @@ def gradvac(
       phi = jnp.where(denominator > 0, jnp.clip(inner / jnp.where(denominator > 0, denominator, 1.0), -1.0, 1.0),
                       0.0)
       target = row[j]
+      # The correction's size grows as 1 / sqrt(1 - target^2): a target at 1
+      # (duplicated tasks, whose EMA reaches 1.0 in float32) cannot be reached
+      # and, with a cosine rounded just below it, the step was divided by eps
+      # (an update 1e7 times the gradients'). Capped a few ulps below 1, the
+      # duplicates' own cosine is no longer below the target.
+      reachable = jnp.minimum(target, 1.0 - target_margin)
       visit_pair = (j != i) & (unit[j] > 0)
-      correct = visit_pair & (phi < target)
-      root_target = jnp.sqrt(jnp.maximum(1.0 - target**2, 0.0))
-      step = norm_i * (target * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * root_target) / (
+      correct = visit_pair & (phi < reachable)
+      root_target = jnp.sqrt(1.0 - reachable**2)
+      step = norm_i * (reachable * jnp.sqrt(jnp.maximum(1.0 - phi**2, 0.0)) - phi * root_target) / (
           unit[j] * root_target + eps)
       c = c.at[j].add(jnp.where(correct, step, 0.0))
       moves = correct if ema == "on_correction" else visit_pair
@@ -137,6 +151,7 @@ def gradvac_transform(
     task_specific: Literal["weighted", "unweighted"] = "unweighted",
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradVac (Wang et al., 2021): gradient vaccine with EMA cosine targets.
 
@@ -148,14 +163,18 @@ def gradvac_transform(
 
   Args:
     num_tasks: number of tasks ``K``.
-    key: PRNG key or int seed (a static argument under
-      :func:`optax.inject_hyperparams`).
+    key: an int seed or a single PRNG key (``jax.random.key`` of any
+      implementation, or ``jax.random.PRNGKey`` data); an int also works as
+      an injected hyperparameter of :func:`optax.inject_hyperparams`.
     beta: EMA rate of the targets.
     eps: stabiliser (relative to unit gradient norms).
     ema: ``"always"`` (paper, TorchJD) or ``"on_correction"`` (SamsungLabs).
     task_specific: ``"unweighted"`` or ``"weighted"``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state`` is
@@ -170,14 +189,14 @@ def gradvac_transform(
   _check_ema(ema)
   if task_specific not in ("weighted", "unweighted"):
     raise ValueError(f"task_specific must be 'weighted' or 'unweighted', got {task_specific!r}.")
-  initial_key = randomness.key_data(key)
+  initial_key, key_impl = randomness.key_data(key)
 
   def init(num_tasks, dtype):
     return GradVacState(targets=jnp.zeros((num_tasks, num_tasks), dtype), key=initial_key)
 
   def update(gram, state, task_losses):
     del task_losses
-    key_data, sub = randomness.next_key(state.key)
+    key_data, sub = randomness.next_key(state.key, key_impl)
     weights, targets = gradvac(gram, state.targets, sub, beta=beta, eps=eps, ema=ema)
     return weights, GradVacState(targets=targets.astype(state.targets.dtype), key=key_data)
 
@@ -187,4 +206,5 @@ def gradvac_transform(
       shared=shared,
       update_weights_every=update_weights_every,
       task_specific_weights=jnp.ones((k,), jnp.float32) if task_specific == "unweighted" else None,
+      nonfinite=nonfinite,
   )

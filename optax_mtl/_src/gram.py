@@ -259,7 +259,8 @@ def combine(weights: jax.Array, per_task_grads: PyTree) -> PyTree:
     >>> optax_mtl.combine(jnp.array([0.5, 2.0]), jac)
     {'w': Array([2.5, 2. ], dtype=float32)}
   """
-  k = contract.check_task_gradients(per_task_grads)
+  # A tree with no leaves (optax.masked) takes K from the weights.
+  k = contract.check_task_gradients(per_task_grads, None if jax.tree.leaves(per_task_grads) else jnp.size(weights))
   weights = contract.check_task_vector(weights, k, "weights")
 
   def leaf_combine(g):

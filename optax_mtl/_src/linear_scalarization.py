@@ -19,6 +19,7 @@ def linear_scalarization(
     *,
     reduction: Literal["sum", "mean"] = "sum",
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Linear scalarization: the gradient of a fixed weighted sum of the losses.
 
@@ -38,6 +39,9 @@ def linear_scalarization(
     reduction: ``"sum"`` (default) or ``"mean"`` (divide by ``K``).
     shared: mask of the shared parameters; every leaf gets the same weighted
       sum, so it only matters for composition with other transforms.
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state's
@@ -73,4 +77,5 @@ def linear_scalarization(
       aggregation.stateless(constant, needs_gram=False),
       shared=shared,
       initial_weights=task_weights,
+      nonfinite=nonfinite,
   )

@@ -218,6 +218,7 @@ def mgda_solve(
   return w, MGDAInfo(cost=cost, kkt_residual=_kkt_residual(normalized, w), iterations=iterations)
 
 
+@numerics.nan_for_nonfinite_gram
 def mgda(
     gram: jax.Array,
     *,
@@ -281,6 +282,7 @@ def mgda_transform(
     max_iter: int = _MAX_ITER,
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""MGDA / MGDA-UB (Sener & Koltun, 2018): descend along the min-norm element.
 
@@ -308,6 +310,9 @@ def mgda_transform(
     max_iter: iteration cap of the official solvers.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram matrix).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state``
@@ -353,4 +358,5 @@ def mgda_transform(
       shared=shared,
       update_weights_every=update_weights_every,
       initial_weights=jnp.full((k,), factor / k),
+      nonfinite=nonfinite,
   )

@@ -278,6 +278,7 @@ def nash_solve(
   return weights, jnp.where(keep, b, 1.0), info
 
 
+@numerics.nan_for_nonfinite_gram
 def nash(
     gram: jax.Array,
     *,
@@ -387,6 +388,7 @@ def nash_mtl(
     optim_niter: int = 20,
     shared: shared_lib.SharedMask = None,
     task_specific: Literal["weighted", "unweighted"] = "weighted",
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Nash-MTL (Navon et al., 2022): tasks bargain over the update direction.
 
@@ -421,6 +423,9 @@ def nash_mtl(
     shared: mask of the shared parameters (only they enter the Gram matrix
       and the clipping).
     task_specific: ``"weighted"`` (official) or ``"unweighted"``.
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`. Its state is an
@@ -466,4 +471,5 @@ def nash_mtl(
       update_weights_every=update_weights_every,
       task_specific_weights=_head_weights if task_specific == "weighted" else jnp.ones((k,), jnp.float32),
       postprocess=lambda updates, flags: clip_shared_norm(updates, flags, max_norm),
+      nonfinite=nonfinite,
   )

@@ -29,6 +29,28 @@ def full_precision(fn):
   return wrapped
 
 
+def nan_for_nonfinite_gram(fn):
+  """Makes a public weighting ``fn(gram, ...)`` return NaN for a non-finite Gram.
+
+  A NaN in the Gram reads as a zero-gradient task to the cosine scaling
+  (``diag > tiny`` is false), so several solvers returned finite weights for
+  it; called on their own, they would hand a finite update to
+  ``optax.apply_if_finite``. The transforms check the Gram themselves.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(gram, *args, **kwargs):
+    out = fn(gram, *args, **kwargs)
+    finite = jnp.all(jnp.isfinite(gram))
+
+    def poison(x):
+      return jnp.where(finite, x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x
+
+    return jax.tree.map(poison, out)
+
+  return wrapped
+
+
 class CosineScaling(NamedTuple):
   """``M = D C D`` with ``D = diag(norms)``; zero-norm tasks are flagged.
 

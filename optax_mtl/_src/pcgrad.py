@@ -37,6 +37,7 @@ def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
 
 
+@numerics.nan_for_nonfinite_gram
 @numerics.full_precision
 def pcgrad(
     gram: jax.Array,
@@ -100,6 +101,7 @@ def pcgrad_transform(
     task_specific: Literal["weighted", "unweighted"] = "unweighted",
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad (Yu et al., 2020): gradient surgery on conflicting task gradients.
 
@@ -112,13 +114,17 @@ def pcgrad_transform(
 
   Args:
     num_tasks: number of tasks ``K``.
-    key: PRNG key or int seed (list it in ``static_args`` under
-      :func:`optax.inject_hyperparams`).
+    key: an int seed or a single PRNG key (``jax.random.key`` of any
+      implementation, or ``jax.random.PRNGKey`` data); an int also works as
+      an injected hyperparameter of :func:`optax.inject_hyperparams`.
     reduction: ``"sum"`` (official) or ``"mean"``.
     skip_self: skip the self-projection (TorchJD) instead of the official order.
     task_specific: ``"unweighted"`` (official) or ``"weighted"``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state``
@@ -133,12 +139,12 @@ def pcgrad_transform(
     raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}.")
   if task_specific not in ("weighted", "unweighted"):
     raise ValueError(f"task_specific must be 'weighted' or 'unweighted', got {task_specific!r}.")
-  initial_key = randomness.key_data(key)
+  initial_key, key_impl = randomness.key_data(key)
   factor = 1.0 if reduction == "sum" else 1.0 / k
 
   def update(gram, key_data, task_losses):
     del task_losses
-    key_data, sub = randomness.next_key(key_data)
+    key_data, sub = randomness.next_key(key_data, key_impl)
     return factor * pcgrad(gram, sub, skip_self=skip_self), key_data
 
   return aggregation.weighted_aggregation(
@@ -148,4 +154,5 @@ def pcgrad_transform(
       update_weights_every=update_weights_every,
       initial_weights=jnp.full((k,), factor),
       task_specific_weights=jnp.ones((k,), jnp.float32) if task_specific == "unweighted" else None,
+      nonfinite=nonfinite,
   )

@@ -2,25 +2,45 @@
 
 Keys are stored as raw ``uint32`` key data, which checkpoints (orbax) and
 ``jax.ShapeDtypeStruct`` handle like any other array; they are wrapped back
-into typed keys only to draw.
+into typed keys, of the implementation they came with, only to draw.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def key_data(key) -> jax.Array:
-  """Raw key data from an int seed, a typed key or raw key data."""
-  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-    return jax.random.key_data(jax.random.key(int(key)))
-  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jax.numpy.asarray(key, jax.numpy.uint32)
+def key_data(key) -> tuple[jax.Array, object]:
+  """``(raw key data, implementation)`` from a seed, a typed key or raw key data.
+
+  A seed is an int or a 0-d integer array (``optax.inject_hyperparams`` turns
+  an int ``key`` into one, possibly traced); a typed key must be a single key
+  (any implementation); raw key data is that of the default implementation.
+  Raises ``ValueError`` for anything else, here rather than at the first
+  draw.
+  """
+  if isinstance(key, bool) or (hasattr(key, "dtype") and key.dtype == bool):
+    raise ValueError(f"key must be an int seed or a PRNG key, got {key!r}.")
+  if isinstance(key, (int, np.integer)):
+    return jax.random.key_data(jax.random.key(int(key))), None
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single PRNG key, got a batch of shape {key.shape}.")
+    return jax.random.key_data(key), jax.random.key_impl(key)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
+    return jax.random.key_data(jax.random.key(key)), None
+  expected = jax.random.key_data(jax.random.key(0)).shape
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.shape(key) != expected:
+    raise ValueError(
+        f"key must be an int seed, a typed PRNG key (jax.random.key) or raw key data of shape {expected}"
+        f" (jax.random.PRNGKey); got {type(key).__name__} of shape {jnp.shape(key)} and dtype {dtype}.")
+  return jnp.asarray(key, jnp.uint32), None
 
 
-def next_key(data: jax.Array) -> tuple[jax.Array, jax.Array]:
+def next_key(data: jax.Array, impl=None) -> tuple[jax.Array, jax.Array]:
   """``(new_key_data, subkey)``: advance the carried key and draw a typed subkey."""
-  key, sub = jax.random.split(jax.random.wrap_key_data(data))
+  key, sub = jax.random.split(jax.random.wrap_key_data(data, impl=impl))
   return jax.random.key_data(key), sub

@@ -16,6 +16,7 @@ def scale_invariant(
     *,
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scale-invariant scalarization: the gradient of :math:`\sum_i \log L_i`.
 
@@ -33,6 +34,9 @@ def scale_invariant(
     num_tasks: number of tasks ``K``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (every leaf gets the same weights).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -58,4 +62,5 @@ def scale_invariant(
                             needs_task_losses=True),
       shared=shared,
       update_weights_every=update_weights_every,
+      nonfinite=nonfinite,
   )

@@ -186,13 +186,18 @@ class JacobianTree(TaskGradients):
     self.jac = jac
     self.losses = losses
     self.aux = None
+    self._num_tasks = None
 
   @property
   def num_tasks(self) -> int:
-    return contract.check_task_gradients(self.jac)
+    if self._num_tasks is None:
+      return contract.check_task_gradients(self.jac)
+    return self._num_tasks
 
   def check(self, num_tasks, params):
-    contract.check_task_gradients(self.jac, num_tasks, params)
+    # Kept: a tree with no leaves (optax.masked, or a partition label with no
+    # parameters) carries no K of its own.
+    self._num_tasks = contract.check_task_gradients(self.jac, num_tasks, params)
 
   def param_tree(self):
     return self.jac

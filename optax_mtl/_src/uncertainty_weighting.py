@@ -40,6 +40,7 @@ def uncertainty_weighting(
     optimizer: optax.GradientTransformation | None = None,
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Uncertainty weighting (Kendall et al., 2018), trained inside the transform.
 
@@ -65,6 +66,9 @@ def uncertainty_weighting(
     optimizer: optax transformation for ``s`` (default ``optax.adam``).
     update_weights_every: update the weights and ``s`` every this many steps.
     shared: mask of the shared parameters (every leaf gets the same weights).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state`` is
@@ -96,4 +100,5 @@ def uncertainty_weighting(
       shared=shared,
       update_weights_every=update_weights_every,
       initial_weights=jnp.full((k,), 0.5),
+      nonfinite=nonfinite,
   )

@@ -67,6 +67,7 @@ def _preference(k, preference, dtype):
   return contract.check_task_vector(preference, k, "preference").astype(dtype)
 
 
+@numerics.nan_for_nonfinite_gram
 @numerics.full_precision
 def upgrad(gram: jax.Array, *, preference: jax.Array | None = None, regularization: float = 0.0) -> jax.Array:
   r"""UPGrad weights: the sum of the projections of each :math:`p_i g_i` onto the dual cone.
@@ -118,6 +119,7 @@ def upgrad(gram: jax.Array, *, preference: jax.Array | None = None, regularizati
   return jnp.sum(columns, axis=0)
 
 
+@numerics.nan_for_nonfinite_gram
 @numerics.full_precision
 def dualproj(gram: jax.Array, *, preference: jax.Array | None = None, regularization: float = 0.0) -> jax.Array:
   r"""DualProj weights: the projection of :math:`J^\top p` onto the dual cone.
@@ -148,7 +150,7 @@ def dualproj(gram: jax.Array, *, preference: jax.Array | None = None, regulariza
 
 
 def _dual_cone_transform(weighting, num_tasks, preference, regularization, task_specific, update_weights_every,
-                         shared):
+                         shared, nonfinite):
   k = contract.check_num_tasks(num_tasks)
   if task_specific not in ("weighted", "unweighted"):
     raise ValueError(f"task_specific must be 'weighted' or 'unweighted', got {task_specific!r}.")
@@ -161,6 +163,7 @@ def _dual_cone_transform(weighting, num_tasks, preference, regularization, task_
       update_weights_every=update_weights_every,
       initial_weights=jnp.full((k,), 1.0 / k),
       task_specific_weights=jnp.ones((k,), jnp.float32) if task_specific == "unweighted" else None,
+      nonfinite=nonfinite,
   )
 
 
@@ -172,6 +175,7 @@ def upgrad_transform(
     task_specific: Literal["weighted", "unweighted"] = "unweighted",
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""UPGrad (Quinton & Rey, 2024): average of the task gradients projected onto the dual cone.
 
@@ -186,6 +190,9 @@ def upgrad_transform(
     task_specific: ``"unweighted"`` (TorchJD) or ``"weighted"``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -195,7 +202,7 @@ def upgrad_transform(
     <https://arxiv.org/abs/2406.16232>`_, 2024.
   """
   return _dual_cone_transform(upgrad, num_tasks, preference, regularization, task_specific,
-                              update_weights_every, shared)
+                              update_weights_every, shared, nonfinite)
 
 
 def dualproj_transform(
@@ -206,6 +213,7 @@ def dualproj_transform(
     task_specific: Literal["weighted", "unweighted"] = "unweighted",
     update_weights_every: int | jax.Array = 1,
     shared: shared_lib.SharedMask = None,
+    nonfinite: aggregation.NonFinite = "skip",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualProj: the averaged gradient projected onto the dual cone of the task gradients.
 
@@ -219,6 +227,9 @@ def dualproj_transform(
     task_specific: ``"unweighted"`` (TorchJD) or ``"weighted"``.
     update_weights_every: recompute the weights every this many steps.
     shared: mask of the shared parameters (only they enter the Gram).
+    nonfinite: ``"skip"`` (default: a zero update) or ``"propagate"`` (a NaN
+      update, for ``optax.apply_if_finite`` on the optimizer after this
+      transform) on non-finite input, see :func:`optax_mtl.weighted_aggregation`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -228,4 +239,4 @@ def dualproj_transform(
     <https://arxiv.org/abs/1706.08840>`_, NeurIPS 2017.
   """
   return _dual_cone_transform(dualproj, num_tasks, preference, regularization, task_specific,
-                              update_weights_every, shared)
+                              update_weights_every, shared, nonfinite)
