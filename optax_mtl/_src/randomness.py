@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def key_data(key) -> tuple[jax.Array, object]:
@@ -21,19 +20,18 @@ def key_data(key) -> tuple[jax.Array, object]:
   Raises ``ValueError`` for anything else, here rather than at the first
   draw.
   """
-  if isinstance(key, bool) or (hasattr(key, "dtype") and key.dtype == bool):
+  if isinstance(key, bool):  # an int to Python, not a seed
     raise ValueError(f"key must be an int seed or a PRNG key, got {key!r}.")
-  if isinstance(key, (int, np.integer)):
-    return jax.random.key_data(jax.random.key(int(key))), None
   dtype = getattr(key, "dtype", None)
+  integer = isinstance(key, int) or (dtype is not None and jnp.issubdtype(dtype, jnp.integer))
+  if integer and jnp.ndim(key) == 0:
+    return jax.random.key_data(jax.random.key(key)), None
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     if key.shape != ():
       raise ValueError(f"key must be a single PRNG key, got a batch of shape {key.shape}.")
     return jax.random.key_data(key), jax.random.key_impl(key)
-  if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and jnp.ndim(key) == 0:
-    return jax.random.key_data(jax.random.key(key)), None
   expected = jax.random.key_data(jax.random.key(0)).shape
-  if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or jnp.shape(key) != expected:
+  if not integer or jnp.shape(key) != expected:
     raise ValueError(
         f"key must be an int seed, a typed PRNG key (jax.random.key) or raw key data of shape {expected}"
         f" (jax.random.PRNGKey); got {type(key).__name__} of shape {jnp.shape(key)} and dtype {dtype}.")
