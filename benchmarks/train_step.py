@@ -237,6 +237,14 @@ def training_call(jit, step, tx_init, params, batches, steps_per_call=1):
   return call
 
 
+def variant_names(lazy_every) -> list[str]:
+  """The names ``time_methods`` gives its steps, which ``--only`` selects from."""
+  return [*METHODS, "sum_grad", "ls_jacobian",
+          *(f"task_gradients_nash_mtl_every_{every}" for every in lazy_every),
+          *(f"feature_level_{method}{suffix}" for method in FEATURE_METHODS for suffix in ("", "_per_task_heads")),
+          *(f"through_representation_{method}" for method in THROUGH_REPRESENTATION)]
+
+
 def jitter(args):
   """``jax.jit`` with the run's compiler options (``--tiny``: unoptimised code, compiled twice as fast)."""
   return functools.partial(jax.jit, compiler_options=args.compiler_options)
@@ -641,6 +649,10 @@ def parse(argv=None):
     args.repeats, args.peer_repeats, args.num_batches = 2, 2, 2
     # Compilation is nearly all of a tiny run (about 30 jitted functions per K).
     args.compiler_options = {"xla_backend_optimization_level": 0}
+  if args.only:
+    unknown = sorted(set(args.only) - set(variant_names(args.lazy_every)))
+    if unknown:
+      parser.error(f"--only: unknown name(s) {', '.join(unknown)}; known: {', '.join(variant_names(args.lazy_every))}")
   if args.peers is None:
     args.peers = not args.tiny and not args.only
   if args.breakdown_ks is None:

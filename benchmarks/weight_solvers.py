@@ -171,6 +171,7 @@ def torchjd_weightings(method: str, k: int):
 
 def run(args) -> dict:
   rows = []
+  peer_repeats = max(3, args.repeats // 10)  # fewer: TorchJD's cvxpy solves are slow
   for method in args.methods:
     solvers = {name: jax.jit(fn) for name, fn in OURS[method].items()}
     for k in args.ks:
@@ -192,7 +193,7 @@ def run(args) -> dict:
             warnings.simplefilter("ignore")  # cvxpy's "not DPP" warning on every Nash solve
             matrix = torch.as_tensor(g)
             first = peer(matrix).numpy()  # Nash: cold start from ones, as in the fixtures
-            timing = time_calls(lambda: peer(matrix), max(3, args.repeats // 10), warmup=1)
+            timing = time_calls(lambda: peer(matrix), peer_repeats, warmup=1)
           # Each peer is measured against its own convention (rank threshold, ridge).
           peer_reference = reference64(method, gram64, peer=True)
           row["solvers"]["torchjd"] = {**timing, "error": accuracy(method, gram64, first, peer_reference)}
@@ -206,6 +207,8 @@ def run(args) -> dict:
       "environment": common.environment(),
       "peers": common.package_versions(("torchjd", "torch", "cvxpy", "quadprog")),
       "timing": "median of repeated calls after compilation; JAX calls include dispatch",
+      "settings": {"methods": args.methods, "ks": args.ks, "repeats": args.repeats,
+                   "peer_repeats": peer_repeats},
       "error": {
           "nash": "||M a - 1/a|| / ||1/a|| (inf: non-positive or non-finite weights)",
           "mgda": "Frank-Wolfe gap (w^T M w - min_i (M w)_i) / max_i M_ii, w rescaled to sum 1",
@@ -252,7 +255,7 @@ def parse(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--methods", nargs="*", default=list(OURS), choices=list(OURS))
   parser.add_argument("--ks", type=int, nargs="*", default=list(KS))
-  parser.add_argument("--repeats", type=int, default=50)
+  parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)

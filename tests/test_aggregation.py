@@ -72,6 +72,24 @@ def test_stateful_weighting_threads_its_state_and_losses():
     tx.update(jac, state, params)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_weighting_must_keep_its_state_dtypes_and_return_k_weights(every):
+  params, jac, losses = setup()
+  init = lambda num_tasks, dtype: {"calls": jnp.zeros([], jnp.int32)}
+  drifting = lambda gram, state, task_losses: (jnp.ones(K), {"calls": state["calls"] + 0.5})
+  extra_leaf = lambda gram, state, task_losses: (jnp.ones(K), {**state, "more": jnp.zeros(())})
+  tx = optax_mtl.weighted_aggregation(K, optax_mtl.Weighting(init, drifting), update_weights_every=every)
+  with pytest.raises(TypeError, match=r"changed state leaf calls from int32\[\] to float32\[\]"):
+    tx.update(jac, tx.init(params), params)
+  tx = optax_mtl.weighted_aggregation(K, optax_mtl.Weighting(init, extra_leaf), update_weights_every=every)
+  with pytest.raises(TypeError, match="returned a state of structure"):
+    tx.update(jac, tx.init(params), params)
+  for bad in (lambda gram: jnp.ones((K, 1)), lambda gram: jnp.ones(K + 1), lambda gram: jnp.ones(())):
+    tx = optax_mtl.weighted_aggregation(K, bad, update_weights_every=every)
+    with pytest.raises(ValueError, match=f"expected \\({K},\\)"):
+      tx.update(jac, tx.init(params), params)
+
+
 @pytest.mark.parametrize("traced", [False, True])
 def test_update_weights_every_reuses_the_last_weights(traced):
   params = problems.init_params()

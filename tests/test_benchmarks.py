@@ -50,6 +50,7 @@ def test_weight_solvers_writes_json_and_plot(tmp_path):
   load("weight_solvers").main(["--tiny", "--out", str(out)])
   result = json.loads(out.read_text())
   assert {row["K"] for row in result["rows"]} == {2, 3}
+  assert result["settings"]["repeats"] == 3 and result["settings"]["ks"] == [2, 3]
   methods = {"nash": "newton", "mgda": "exact", "aligned": "eigh", "imtl_g": "pinv", "cagrad": "barrier",
              "upgrad": "qp", "dualproj": "qp", "pcgrad": "gram", "gradvac": "gram"}
   assert {row["method"] for row in result["rows"]} == set(methods)
@@ -95,6 +96,9 @@ def test_train_step_writes_json(tmp_path, model):
         row["cheap_paths"])
     assert {f"through_representation_{m}" for m in load("train_step").THROUGH_REPRESENTATION} <= set(
         row["cheap_paths"])
+    # --only checks its names against this list.
+    assert sorted({**row["methods"], **row["references"], **row["cheap_paths"]}) == sorted(
+        load("train_step").variant_names((1, 5, 50)))
     breakdown = row["breakdown"]
     assert set(breakdown["methods"]) == {"linear_scalarization", "nash_mtl", "mgda", "upgrad", "cagrad"}
     for name, stages in breakdown["methods"].items():
@@ -113,6 +117,12 @@ def test_train_step_breakdown_of_a_subset(tmp_path):
   methods = row["breakdown"]["methods"]
   assert methods["nash_mtl"]["step_ms"] == row["methods"]["nash_mtl"]["median_ms"]
   assert "step_ms" not in methods["mgda"] and methods["mgda"]["weighting_ms"] > 0
+
+
+def test_train_step_rejects_unknown_names_for_only(capsys):
+  with pytest.raises(SystemExit):
+    load("train_step").parse(["--tiny", "--only", "nash_mtl", "nash"])
+  assert "unknown name(s) nash;" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model, image_size", [("mlp", None), ("conv", 8), ("conv", 7)])

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_mtl
@@ -58,6 +59,25 @@ def test_options_are_validated():
   for kwargs in ({"mode": "epoch"}, {"reduction": "max"}, {"window": 0}):
     with pytest.raises(ValueError):
       optax_mtl.dwa(K, **kwargs)
+  for window in (2.0, True, jnp.array(3)):
+    with pytest.raises(TypeError, match="window must be a Python int"):
+      optax_mtl.dwa(K, window=window)
+
+
+def test_under_inject_hyperparams_window_is_static():
+  # inject_hyperparams turns numbers into arrays; the window shapes the state.
+  with pytest.raises(TypeError, match=r"static_args=\('num_tasks', 'window'\)"):
+    optax.inject_hyperparams(optax_mtl.dwa, static_args=("num_tasks",))(K, window=3).init({"w": jnp.zeros(2)})
+  tx = optax.inject_hyperparams(optax_mtl.dwa, static_args=("num_tasks", "window"))(K, window=3, temperature=2.0)
+  plain = optax_mtl.dwa(K, window=3, temperature=2.0)
+  params = {"w": jnp.ones(2)}
+  grads = {"w": jnp.stack([jnp.full(2, float(i + 1)) for i in range(K)])}
+  state, plain_state = tx.init(params), plain.init(params)
+  for step in range(8):
+    losses = jnp.asarray(LOSSES[step])
+    got, state = tx.update(grads, state, params, task_losses=losses)
+    want, plain_state = plain.update(grads, plain_state, params, task_losses=losses)
+    np.testing.assert_allclose(got["w"], want["w"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["sliding", "blockwise"])

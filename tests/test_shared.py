@@ -57,3 +57,23 @@ def test_non_bool_mask_is_an_error():
 def test_mismatched_structure_is_an_error():
   with pytest.raises(ValueError, match="structure of the params"):
     shared.resolve({"encoder": True}, PARAMS, TREE)
+
+
+def test_a_callable_mask_under_inject_hyperparams_is_a_static_arg():
+  # inject_hyperparams calls every non-static callable with the step count (a
+  # schedule); the README says to list a callable shared= in static_args.
+  import optax
+
+  import optax_mtl
+
+  mask = lambda params: jax.tree.map(lambda x: x.ndim == 1, params)  # reads the params
+  params = {"w": jnp.ones(3), "heads": jnp.ones((2, 2))}
+  jac = {"w": jnp.array([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]), "heads": jnp.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]]])}
+  tx = optax.inject_hyperparams(optax_mtl.mgda, static_args=("num_tasks", "shared"))(2, shared=mask)
+  plain = optax_mtl.mgda(2, shared=mask)
+  got, _ = tx.update(jac, tx.init(params), params)
+  want, _ = plain.update(jac, plain.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  unmasked = optax_mtl.mgda(2)
+  other, _ = unmasked.update(jac, unmasked.init(params), params)
+  assert not np.allclose(got["w"], other["w"])  # the mask changes the answer here

@@ -37,7 +37,9 @@ class Weighting(NamedTuple):
       stateless weightings).
     update: ``(gram, state, task_losses) -> (weights, state)``. ``gram`` is
       ``None`` when ``needs_gram`` is false, ``task_losses`` is ``None`` when
-      the caller passed none. Must be pure and jittable.
+      the caller passed none. Must be pure and jittable, return ``(K,)``
+      weights and a state with the structure, shapes and dtypes of
+      ``init``'s (checked at trace time).
     needs_gram: whether the Gram matrix is used (skipped otherwise).
     needs_task_losses: whether ``task_losses`` is required.
   """
@@ -161,6 +163,30 @@ def check_losses(task_losses, grads, num_tasks: int, required: bool):
   return task_losses
 
 
+def check_weighting_output(weights, new_state, old_state, k: int) -> None:
+  """Trace-time check of a weighting's ``(weights, state)`` against its input state.
+
+  The state is carried from step to step (and through the ``lax.cond`` of
+  ``update_weights_every``), so it must keep its structure, shapes and dtypes;
+  a float64 intermediate leaking into a float32 state would otherwise fail
+  inside ``lax.cond`` with an unrelated message, or recompile the step.
+  """
+  if contract.shape_of(weights) != (k,):
+    raise ValueError(f"The weighting returned weights of shape {contract.shape_of(weights)}; expected ({k},).")
+  old_leaves, old_tree = jax.tree_util.tree_flatten_with_path(old_state)
+  new_leaves, new_tree = jax.tree_util.tree_flatten_with_path(new_state)
+  if old_tree != new_tree:
+    raise TypeError(f"The weighting's update returned a state of structure {new_tree}; its init gave {old_tree}.")
+  for (path, old), (_, new) in zip(old_leaves, new_leaves):
+    if (contract.shape_of(old), contract.dtype_of(old)) != (contract.shape_of(new), contract.dtype_of(new)):
+      raise TypeError(
+          f"The weighting's update changed state leaf {contract.leaf_path(path)} from"
+          f" {contract.dtype_of(old).name}{list(contract.shape_of(old))} to"
+          f" {contract.dtype_of(new).name}{list(contract.shape_of(new))}; the state must keep the"
+          " shapes and dtypes of its init (cast with .astype)."
+      )
+
+
 def weighted_aggregation(
     num_tasks: int,
     weighting: Weighting | Callable[[jax.Array], jax.Array],
@@ -262,7 +288,9 @@ def weighted_aggregation(
     dtype = state.weights.dtype
 
     def solve(m, weighting_state):
-      weights, weighting_state = weighting.update(m, weighting_state, task_losses)
+      weights, new_state = weighting.update(m, weighting_state, task_losses)
+      check_weighting_output(weights, new_state, weighting_state, k)
+      weighting_state = new_state
       if m is not None:
         # A non-finite Gram (NaN/inf gradients, float32 overflow) poisons the
         # weights even where the weighting happens to return finite numbers.
