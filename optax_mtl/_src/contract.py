@@ -32,17 +32,26 @@ def dtype_of(x):
   return jnp.dtype(dtype) if dtype is not None else jnp.result_type(x)
 
 
+def check_static_int(value, name: str, fixes: str, static_args: tuple[str, ...]) -> int:
+  """Validates a factory argument that shapes the state: a Python int >= 1.
+
+  ``optax.inject_hyperparams`` turns numbers into arrays unless they are listed
+  in ``static_args``, which the error message names.
+  """
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(
+        f"{name} must be a Python int (it fixes {fixes} at init); got"
+        f" {value!r} of type {type(value).__name__}. Under"
+        f" optax.inject_hyperparams pass static_args={static_args!r}."
+    )
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}.")
+  return int(value)
+
+
 def check_num_tasks(num_tasks) -> int:
   """Validates the static ``num_tasks`` argument of every factory."""
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)):
-    raise TypeError(
-        "num_tasks must be a Python int (it fixes the state shapes at init); got"
-        f" {num_tasks!r} of type {type(num_tasks).__name__}. Under"
-        " optax.inject_hyperparams pass static_args=('num_tasks',)."
-    )
-  if num_tasks < 1:
-    raise ValueError(f"num_tasks must be >= 1, got {num_tasks}.")
-  return int(num_tasks)
+  return check_static_int(num_tasks, "num_tasks", "the state shapes", ("num_tasks",))
 
 
 def check_task_gradients(

@@ -14,7 +14,6 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_mtl._src import aggregation
@@ -96,14 +95,7 @@ def dwa(
     raise ValueError(f"mode must be 'sliding' or 'blockwise', got {mode!r}.")
   if reduction not in ("mean", "sum"):
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
-  if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
-    raise TypeError(
-        f"window must be a Python int (it fixes the loss history's shape at init); got {window!r} of type"
-        f" {type(window).__name__}. Under optax.inject_hyperparams pass static_args=('num_tasks', 'window')."
-    )
-  if window < 1:
-    raise ValueError(f"window must be >= 1, got {window}.")
-  window = int(window)
+  window = contract.check_static_int(window, "window", "the loss history's shape", ("num_tasks", "window"))
   factor = 1.0 / k if reduction == "mean" else 1.0
 
   def init(num_tasks, dtype):
