@@ -29,7 +29,10 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   (``value_and_jacobian``), the Gram of the trunk (``optax_mtl.gram``), each
   weighting alone on that Gram (``optax_mtl.weighting.<name>``), the
   combination (``optax_mtl.combine``) and the optimizer step (Adam update and
-  ``optax.apply_updates``).
+  ``optax.apply_updates``), and the cached step (``cached``) split into a
+  refresh and a reuse of the weights (Nash-MTL with ``update_weights_every``
+  the largest k below, each kind timed on its own with LS's step in the same
+  round; ``cycle_over_ls`` is what a cycle of k steps costs from these).
 - **cheap paths** (relative to the same LS): Nash-MTL on the lazy
   ``task_gradients`` with ``update_weights_every = k`` for k in 1, 5, 50 (the
   mean step over a cycle of k consecutive jitted calls: one refresh with K
@@ -67,7 +70,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
   python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
-  python benchmarks/train_step.py --model conv --batch 32 --repeats 5   # the committed CPU conv run (the GPU's: batch 256)
+  python benchmarks/train_step.py --model conv --batch 32 --repeats 5 --no-peers --breakdown-ks 10   # the committed CPU conv run (the GPU's: batch 256)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
   python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
   python benchmarks/train_step.py --ks 40 --peers --only through_representation_mgda --out /tmp/p.json
@@ -332,6 +335,9 @@ def time_breakdown(args, k, params, batches, method_timings):
   }
   for name, weighting in BREAKDOWN_WEIGHTINGS.items():
     calls[f"weighting_{name}"] = (lambda fn: lambda: fn(matrix))(jit(weighting))
+  every = max(args.lazy_every)
+  if every > 1:
+    calls.update(cached_step_calls(jit, adam, k, every, net, args.jacobian_batch_size, params, x, y))
   stages = common.time_interleaved(calls, repeats=args.repeats)
   medians = {name: entry["median_ms"] for name, entry in stages.items()}
   per_method = {BASELINE: {"backward_ms": medians["backward"], "optimizer_ms": medians["optimizer"]}}
@@ -343,7 +349,34 @@ def time_breakdown(args, k, params, batches, method_timings):
     entry["stages_total_ms"] = sum(entry.values())
     if name in method_timings:  # --only with --breakdown-ks may leave a method's step out
       entry["step_ms"] = method_timings[name]["median_ms"]
-  return {"stages": stages, "methods": per_method}
+  breakdown = {"stages": stages, "methods": per_method}
+  if every > 1:
+    ls, refresh, reuse = (medians[name] for name in ("ls_step", "cached_refresh_step", "cached_reuse_step"))
+    breakdown["cached"] = {
+        "update_weights_every": every, "ls_step_ms": ls, "refresh_step_ms": refresh, "reuse_step_ms": reuse,
+        "refresh_over_ls": refresh / ls, "reuse_over_ls": reuse / ls,
+        "cycle_over_ls": (refresh + (every - 1) * reuse) / (every * ls)}
+  return breakdown
+
+
+def cached_step_calls(jit, adam, k, every, net, batch_size, params, x, y):
+  """Nash-MTL's cached step split into its two kinds, and LS, on fixed inputs.
+
+  The cheap paths time a whole cycle of ``every`` steps; here the step runs
+  from a state at count 0 (every call refreshes: K backward passes in the
+  ``lax.cond``, then the weighted one) and from a state at count 1 (every
+  call reuses the weights: the cond's other branch and one backward pass).
+  The state is not carried, so each kind repeats.
+  """
+  ls = optax.chain(optax_mtl.linear_scalarization(k), adam)
+  cached = optax.chain(optax_mtl.nash_mtl(k, shared=SHARED, update_weights_every=every), adam)
+  grads_of = lazy_grads(batch_size, net)
+  ls_step, cached_step = jit(apply_step(ls, grads_of)), jit(apply_step(cached, grads_of))
+  ls_state, due_state = ls.init(params), cached.init(params)
+  _, reuse_state = common.block(cached_step(params, due_state, x, y))
+  return {"ls_step": lambda: ls_step(params, ls_state, x, y),
+          "cached_refresh_step": lambda: cached_step(params, due_state, x, y),
+          "cached_reuse_step": lambda: cached_step(params, reuse_state, x, y)}
 
 
 # ----------------------------------------------------------------------------- peers (PyTorch)
@@ -544,6 +577,10 @@ def report(row):
   if "breakdown" in row:
     stages = "  ".join(f"{name} {entry['median_ms']:.2f}" for name, entry in row["breakdown"]["stages"].items())
     print(f"  stages (ms): {stages}")
+    cached = row["breakdown"].get("cached")
+    if cached:
+      print(f"  cached, k = {cached['update_weights_every']}: refresh {cached['refresh_over_ls']:.2f}x LS, reuse"
+            f" {cached['reuse_over_ls']:.3f}x, a cycle {cached['cycle_over_ls']:.3f}x")
   if "peers_warning" in row:
     print(f"  WARNING: {row['peers_warning']}")
   for name, entry in row.get("peers", {}).items():

@@ -106,6 +106,12 @@ def test_train_step_writes_json(tmp_path, model):
       assert all(math.isfinite(v) and v > 0 for v in stages.values()), (name, stages)
     for entry in breakdown["stages"].values():
       assert 0 < entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
+    cached = breakdown["cached"]
+    assert cached["update_weights_every"] == 50
+    assert cached["refresh_step_ms"] == breakdown["stages"]["cached_refresh_step"]["median_ms"]
+    assert cached["reuse_over_ls"] == cached["reuse_step_ms"] / cached["ls_step_ms"]
+    assert cached["cycle_over_ls"] == pytest.approx(
+        (cached["refresh_over_ls"] + 49 * cached["reuse_over_ls"]) / 50)
   assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -117,6 +123,29 @@ def test_train_step_breakdown_of_a_subset(tmp_path):
   methods = row["breakdown"]["methods"]
   assert methods["nash_mtl"]["step_ms"] == row["methods"]["nash_mtl"]["median_ms"]
   assert "step_ms" not in methods["mgda"] and methods["mgda"]["weighting_ms"] > 0
+
+
+def test_train_step_cached_split_refreshes_then_reuses():
+  # The two timed kinds of the cached step: from count 0 the weights are solved (they leave
+  # their initial uniform value), from count 1 the last ones are reused as they are.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  ts = load("train_step")
+  args = ts.parse(["--tiny"])
+  k = 3
+  params = ts.MODELS["mlp"].init_for(args, k)
+  x, y = (jnp.asarray(a) for a in ts.make_batches(args, k)[0])
+  calls = ts.cached_step_calls(jax.jit, optax.adam(1e-3), k, 50, ts.MODELS["mlp"], None, params, x, y)
+  assert set(calls) == {"ls_step", "cached_refresh_step", "cached_reuse_step"}
+  _, refreshed = calls["cached_refresh_step"]()
+  _, reused = calls["cached_reuse_step"]()
+  assert int(refreshed[0].count) == 1 and int(reused[0].count) == 2
+  assert not np.allclose(refreshed[0].weights, np.ones(k))  # solved at count 0
+  # At count 1 the state carries the weights solved at count 0 on the same batch: kept bit for bit.
+  np.testing.assert_array_equal(reused[0].weights, refreshed[0].weights)
 
 
 def test_train_step_rejects_unknown_names_for_only(capsys):
