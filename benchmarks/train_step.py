@@ -70,7 +70,7 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   python benchmarks/train_step.py          # CPU defaults, writes results/train_step_<platform>.json and .png
   python benchmarks/train_step.py --ks 2 10 --width 256 --repeats 10
   python benchmarks/train_step.py --jacobian-batch-size 1   # sequential backward passes (the committed CPU run)
-  python benchmarks/train_step.py --model conv --batch 32 --repeats 5 --no-peers --breakdown-ks 10   # the committed CPU conv run (the GPU's: batch 256)
+  python benchmarks/train_step.py --model conv --batch 32 --ks 2 3 10 --repeats 5 --no-peers --breakdown-ks 10   # the committed CPU conv run (the GPU suite's: batch 256, K = 2, 10, 40)
   python benchmarks/train_step.py --tiny --out /tmp/x.json   # smoke sizes, no peers
   python benchmarks/train_step.py --only feature_level_mgda feature_level_mgda_per_task_heads --out /tmp/f.json
   python benchmarks/train_step.py --ks 40 --peers --only through_representation_mgda --out /tmp/p.json
