@@ -112,6 +112,9 @@ SHARE_GPU = (("XLA_PYTHON_CLIENT_PREALLOCATE", "false"),)
 DEVICE_LOOPS = (("XLA_FLAGS", "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"),)
 LOOPING_WEIGHTINGS = ("nash", "mgda", "cagrad", "upgrad", "dualproj")  # those with such loops
 LOOPING_STEPS = ("nash_mtl", "mgda", "cagrad", "upgrad", "dualproj", "aligned_mtl")  # Aligned-MTL: none
+# The cached step's lax.cond (ConditionalThunk: a predicate copied back every step) against the loop's
+# static choice (refresh_weights), with and without conditionals in the command buffers.
+CACHED_STEPS = ("task_gradients_nash_mtl_every_50", "task_gradients_nash_mtl_every_50_host")
 
 
 def train_step_jobs(name: str, ks, args=(), peers=True, env=()) -> list[Job]:
@@ -138,8 +141,10 @@ STAGES = {
         Job("weight_solvers_gpu.json", "weight_solvers.py"),
         Job("weight_solvers_device_loops_gpu.json", "weight_solvers.py",
             ("--ks", "2", "10", "40", "--methods", *LOOPING_WEIGHTINGS), DEVICE_LOOPS),
-        *train_step_jobs("train_step_10m_host_loops_gpu", (10,), (*MLP_10M, "--only", *LOOPING_STEPS), peers=False),
-        *train_step_jobs("train_step_10m_device_loops_gpu", (10,), (*MLP_10M, "--only", *LOOPING_STEPS),
+        *train_step_jobs("train_step_10m_host_loops_gpu", (10,), (*MLP_10M, "--only", *LOOPING_STEPS, *CACHED_STEPS),
+                         peers=False),
+        *train_step_jobs("train_step_10m_device_loops_gpu", (10,),
+                         (*MLP_10M, "--only", *LOOPING_STEPS, *CACHED_STEPS),
                          peers=False, env=DEVICE_LOOPS),
         *train_step_jobs("train_step_conv_gpu", (2, 10, 40), ("--model", "conv", "--repeats", "10")),
         Job("compile_time_gpu.json", "compile_time.py"),
@@ -274,13 +279,18 @@ def summarize(results: pathlib.Path, name: str) -> None:
       ls = row["methods"]["linear_scalarization"]["median_ms"]
       ratios = {key: row["methods"].get(key, {}).get("ratio_to_ls") for key in ("nash_mtl", "mgda", "upgrad")}
       ratios.update({key: row["cheap_paths"].get(key, {}).get("ratio_to_ls") for key in (
-          "task_gradients_nash_mtl_every_50", "feature_level_mgda_per_task_heads")})
+          *CACHED_STEPS, "feature_level_mgda_per_task_heads")})
       text = "  ".join(f"{key} {value:.2f}" for key, value in ratios.items() if value is not None)
       print(f"  K={row['K']:<3} LS {ls:.2f} ms  {text}")
       stages = row.get("breakdown", {}).get("methods", {}).get("nash_mtl")
       if stages:
         aggregation = stages["gram_ms"] + stages["weighting_ms"] + stages["combine_ms"]
         print(f"        Nash-MTL aggregation {aggregation:.2f} ms = {aggregation / stages['step_ms']:.1%} of the step")
+      cached = row.get("breakdown", {}).get("cached")
+      if cached:
+        print("        cached split (refresh, reuse x LS): cond"
+              f" {cached['refresh_over_ls']:.2f}, {cached['reuse_over_ls']:.3f}; host"
+              f" {cached['host_refresh_over_ls']:.2f}, {cached['host_reuse_over_ls']:.3f}")
       peers = row.get("peers", {})
       for peer in ("torchjd_nash_mtl", "nash_mtl_official", "torchjd_mgda"):
         entry = peers.get(peer, {})

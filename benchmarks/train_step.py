@@ -32,11 +32,15 @@ small convolutional trunk of ``conv_net.py`` on 32x32 RGB images instead
   ``optax.apply_updates``), and the cached step (``cached``) split into a
   refresh and a reuse of the weights (Nash-MTL with ``update_weights_every``
   the largest k below, each kind timed on its own with LS's step in the same
-  round; ``cycle_over_ls`` is what a cycle of k steps costs from these).
+  round; ``cycle_over_ls`` is what a cycle of k steps costs from these), for
+  the ``lax.cond`` and for the two steps a loop compiles with
+  ``refresh_weights`` (``host_*``).
 - **cheap paths** (relative to the same LS): Nash-MTL on the lazy
   ``task_gradients`` with ``update_weights_every = k`` for k in 1, 5, 50 (the
   mean step over a cycle of k consecutive jitted calls: one refresh with K
-  backward passes, k - 1 cached steps with one), and the feature-level step
+  backward passes, k - 1 cached steps with one; ``*_host``: the same cycle
+  with the choice made by the loop, ``refresh_weights=True`` on its first step
+  and ``False`` on the others, static), and the feature-level step
   (``feature_task_gradients``: MGDA-UB and Aligned-MTL-UB), with the heads as
   one function of ``z`` (K backward passes through all K heads) and with
   ``per_task_heads=K`` (``*_per_task_heads``: one backward pass of the heads);
@@ -176,12 +180,15 @@ def make_batches(args, k):
           for _ in range(args.num_batches)]
 
 
-def apply_step(tx, grads_of):
-  """A train step ``(params, opt_state, x, y) -> (params, opt_state)`` of ``tx`` on ``grads_of``'s gradients."""
+def apply_step(tx, grads_of, **extra_args):
+  """A train step ``(params, opt_state, x, y) -> (params, opt_state)`` of ``tx`` on ``grads_of``'s gradients.
+
+  ``extra_args`` go to ``tx.update`` (``refresh_weights`` for the host-scheduled cached steps).
+  """
 
   def step(params, opt_state, x, y):
     losses, grads = grads_of(params, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses)
+    updates, opt_state = tx.update(grads, opt_state, params, task_losses=losses, **extra_args)
     return optax.apply_updates(params, updates), opt_state
 
   return step
@@ -220,20 +227,28 @@ def sum_grad_step(adam, model=mlp):
   return step
 
 
-def training_call(jit, step, tx_init, params, batches, steps_per_call=1):
+def training_call(jit, step, tx_init, params, batches, steps_per_call=1, host_every=None):
   """A callable running ``steps_per_call`` jitted train steps, carrying params and state.
 
   The steps are dispatched back to back and only the last result is waited
-  for (by the timer), as in a training loop.
+  for (by the timer), as in a training loop. With ``host_every``, ``step`` is
+  ``refresh_weights -> step``: the loop runs the compiled refreshing step
+  every ``host_every`` steps and the reusing one in between, as a training
+  loop that passes ``refresh_weights`` statically.
   """
-  jitted = jit(step)
+  if host_every is None:
+    jitted = jit(step)
+    pick = lambda i: jitted
+  else:
+    refresh, reuse = jit(step(True)), jit(step(False))
+    pick = lambda i: refresh if i % host_every == 0 else reuse
   device_batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in batches]
   state = {"params": params, "opt_state": tx_init(params), "i": 0}
 
   def call():
     for _ in range(steps_per_call):
       x, y = device_batches[state["i"] % len(device_batches)]
-      state["params"], state["opt_state"] = jitted(state["params"], state["opt_state"], x, y)
+      state["params"], state["opt_state"] = pick(state["i"])(state["params"], state["opt_state"], x, y)
       state["i"] += 1
     return state["params"], state["opt_state"]
 
@@ -244,6 +259,7 @@ def variant_names(lazy_every) -> list[str]:
   """The names ``time_methods`` gives its steps, which ``--only`` selects from."""
   return [*METHODS, "sum_grad", "ls_jacobian",
           *(f"task_gradients_nash_mtl_every_{every}" for every in lazy_every),
+          *(f"task_gradients_nash_mtl_every_{every}_host" for every in lazy_every if every > 1),
           *(f"feature_level_{method}{suffix}" for method in FEATURE_METHODS for suffix in ("", "_per_task_heads")),
           *(f"through_representation_{method}" for method in THROUGH_REPRESENTATION)]
 
@@ -283,6 +299,11 @@ def time_methods(args, k, params, batches):
     cheap[name] = training_call(jit, apply_step(tx, lazy_grads(batch_size, net)), tx.init, params, batches,
                                 steps_per_call=every)
     steps[name] = every
+    if every > 1:
+      host_step = lambda refresh, tx=tx: apply_step(tx, lazy_grads(batch_size, net), refresh_weights=refresh)
+      cheap[f"{name}_host"] = training_call(jit, host_step, tx.init, params, batches, steps_per_call=every,
+                                            host_every=every)
+      steps[f"{name}_host"] = every
   for method, factory in FEATURE_METHODS.items():
     for suffix, per_task_heads in (("", None), ("_per_task_heads", k)):
       tx = optax.chain(factory(k), adam)
@@ -351,11 +372,14 @@ def time_breakdown(args, k, params, batches, method_timings):
       entry["step_ms"] = method_timings[name]["median_ms"]
   breakdown = {"stages": stages, "methods": per_method}
   if every > 1:
-    ls, refresh, reuse = (medians[name] for name in ("ls_step", "cached_refresh_step", "cached_reuse_step"))
-    breakdown["cached"] = {
-        "update_weights_every": every, "ls_step_ms": ls, "refresh_step_ms": refresh, "reuse_step_ms": reuse,
-        "refresh_over_ls": refresh / ls, "reuse_over_ls": reuse / ls,
-        "cycle_over_ls": (refresh + (every - 1) * reuse) / (every * ls)}
+    ls = medians["ls_step"]
+    breakdown["cached"] = {"update_weights_every": every, "ls_step_ms": ls}
+    for prefix, kind in (("", "cached"), ("host_", "host")):
+      refresh, reuse = medians[f"{kind}_refresh_step"], medians[f"{kind}_reuse_step"]
+      breakdown["cached"].update({
+          f"{prefix}refresh_step_ms": refresh, f"{prefix}reuse_step_ms": reuse,
+          f"{prefix}refresh_over_ls": refresh / ls, f"{prefix}reuse_over_ls": reuse / ls,
+          f"{prefix}cycle_over_ls": (refresh + (every - 1) * reuse) / (every * ls)})
   return breakdown
 
 
@@ -366,17 +390,24 @@ def cached_step_calls(jit, adam, k, every, net, batch_size, params, x, y):
   from a state at count 0 (every call refreshes: K backward passes in the
   ``lax.cond``, then the weighted one) and from a state at count 1 (every
   call reuses the weights: the cond's other branch and one backward pass).
-  The state is not carried, so each kind repeats.
+  The state is not carried, so each kind repeats. ``host_*``: the two steps
+  the training loop compiles with ``refresh_weights=True``/``False``, no
+  conditional in either (the refresh combines the stored Jacobian instead of
+  running the weighted backward pass).
   """
   ls = optax.chain(optax_mtl.linear_scalarization(k), adam)
   cached = optax.chain(optax_mtl.nash_mtl(k, shared=SHARED, update_weights_every=every), adam)
   grads_of = lazy_grads(batch_size, net)
   ls_step, cached_step = jit(apply_step(ls, grads_of)), jit(apply_step(cached, grads_of))
+  host_refresh = jit(apply_step(cached, grads_of, refresh_weights=True))
+  host_reuse = jit(apply_step(cached, grads_of, refresh_weights=False))
   ls_state, due_state = ls.init(params), cached.init(params)
   _, reuse_state = common.block(cached_step(params, due_state, x, y))
   return {"ls_step": lambda: ls_step(params, ls_state, x, y),
           "cached_refresh_step": lambda: cached_step(params, due_state, x, y),
-          "cached_reuse_step": lambda: cached_step(params, reuse_state, x, y)}
+          "cached_reuse_step": lambda: cached_step(params, reuse_state, x, y),
+          "host_refresh_step": lambda: host_refresh(params, due_state, x, y),
+          "host_reuse_step": lambda: host_reuse(params, reuse_state, x, y)}
 
 
 # ----------------------------------------------------------------------------- peers (PyTorch)
@@ -579,8 +610,10 @@ def report(row):
     print(f"  stages (ms): {stages}")
     cached = row["breakdown"].get("cached")
     if cached:
-      print(f"  cached, k = {cached['update_weights_every']}: refresh {cached['refresh_over_ls']:.2f}x LS, reuse"
-            f" {cached['reuse_over_ls']:.3f}x, a cycle {cached['cycle_over_ls']:.3f}x")
+      for prefix, label in (("", "cond"), ("host_", "host")):
+        print(f"  cached, k = {cached['update_weights_every']} ({label}): refresh"
+              f" {cached[prefix + 'refresh_over_ls']:.2f}x LS, reuse {cached[prefix + 'reuse_over_ls']:.3f}x,"
+              f" a cycle {cached[prefix + 'cycle_over_ls']:.3f}x")
   if "peers_warning" in row:
     print(f"  WARNING: {row['peers_warning']}")
   for name, entry in row.get("peers", {}).items():

@@ -114,6 +114,57 @@ def test_update_weights_every_reuses_the_last_weights(traced):
     np.testing.assert_allclose(updates["trunk"]["w"], expected["trunk"]["w"], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["static", "traced", "inject_hyperparams"])
+def test_refresh_weights_from_the_caller_overrides_the_schedule(kind):
+  # The caller refreshes at steps 0, 2, 3 and 6 while update_weights_every=3 would say 0, 3, 6.
+  params = problems.init_params()
+  factory = optax_mtl.weighted_aggregation
+  if kind == "inject_hyperparams":
+    factory = optax.inject_hyperparams(factory, static_args=("num_tasks", "weighting"))
+  tx = factory(K, inverse_norm, update_weights_every=3)
+  state = tx.init(params)
+  if kind == "traced":
+    step = jax.jit(lambda jac, state, refresh: tx.update(jac, state, params, refresh_weights=refresh))
+  else:
+    step = jax.jit(lambda jac, state, refresh: tx.update(jac, state, params, refresh_weights=refresh),
+                   static_argnums=2)
+  weights = np.ones(K)
+  for t in range(7):
+    _, jac = problems.per_task_gradients(params, *problems.make_batch(seed=40 + t))
+    refresh = t in (0, 2, 3, 6)
+    updates, state = step(jac, state, jnp.asarray(refresh) if kind == "traced" else refresh)
+    if refresh:
+      np.testing.assert_allclose(optax.tree.get(state, "weights"), inverse_norm(optax_mtl.gram(jac)),
+                                 rtol=1e-5, atol=1e-7)
+      weights = np.asarray(optax.tree.get(state, "weights"))
+    else:
+      np.testing.assert_array_equal(optax.tree.get(state, "weights"), weights)
+    inner = state.inner_state if kind == "inject_hyperparams" else state
+    assert int(inner.count) == t + 1
+    expected = optax_mtl.combine(weights, jac)
+    np.testing.assert_allclose(updates["trunk"]["w"], expected["trunk"]["w"], rtol=1e-5, atol=1e-7)
+  assert step._cache_size() == (1 if kind == "traced" else 2)
+
+
+def test_a_static_refresh_weights_compiles_no_conditional():
+  params, jac, _ = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=3)
+  primitives = lambda **kw: {eqn.primitive.name for eqn in jax.make_jaxpr(
+      lambda j, s: tx.update(j, s, params, **kw))(jac, tx.init(params)).jaxpr.eqns}
+  assert "cond" in primitives()
+  assert "cond" in primitives(refresh_weights=jnp.asarray(True))
+  assert "cond" not in primitives(refresh_weights=True)
+  assert "cond" not in primitives(refresh_weights=np.bool_(False))
+
+
+@pytest.mark.parametrize("bad", [1, jnp.ones((2,), bool), jnp.asarray(1.0), "yes"])
+def test_refresh_weights_must_be_a_bool(bad):
+  params, jac, _ = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=3)
+  with pytest.raises(TypeError, match="refresh_weights must be None, a Python bool"):
+    tx.update(jac, tx.init(params), params, refresh_weights=bad)
+
+
 @pytest.mark.parametrize("period", [0, -2])
 def test_a_traced_period_below_one_refreshes_every_step(period):
   params = problems.init_params()

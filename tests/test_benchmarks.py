@@ -91,7 +91,10 @@ def test_train_step_writes_json(tmp_path, model):
       for entry in row[group].values():
         check_timing(entry)
     assert {f"task_gradients_nash_mtl_every_{k}" for k in (1, 5, 50)} <= set(row["cheap_paths"])
-    assert row["cheap_paths"]["task_gradients_nash_mtl_every_50"]["steps_per_call"] == 50
+    assert {f"task_gradients_nash_mtl_every_{k}_host" for k in (5, 50)} <= set(row["cheap_paths"])
+    assert "task_gradients_nash_mtl_every_1_host" not in row["cheap_paths"]
+    for suffix in ("", "_host"):
+      assert row["cheap_paths"][f"task_gradients_nash_mtl_every_50{suffix}"]["steps_per_call"] == 50
     assert {f"feature_level_{m}{s}" for m in ("mgda", "aligned_mtl") for s in ("", "_per_task_heads")} <= set(
         row["cheap_paths"])
     assert {f"through_representation_{m}" for m in load("train_step").THROUGH_REPRESENTATION} <= set(
@@ -108,10 +111,11 @@ def test_train_step_writes_json(tmp_path, model):
       assert 0 < entry["min_ms"] <= entry["median_ms"] <= entry["max_ms"]
     cached = breakdown["cached"]
     assert cached["update_weights_every"] == 50
-    assert cached["refresh_step_ms"] == breakdown["stages"]["cached_refresh_step"]["median_ms"]
-    assert cached["reuse_over_ls"] == cached["reuse_step_ms"] / cached["ls_step_ms"]
-    assert cached["cycle_over_ls"] == pytest.approx(
-        (cached["refresh_over_ls"] + 49 * cached["reuse_over_ls"]) / 50)
+    for prefix, kind in (("", "cached"), ("host_", "host")):
+      assert cached[f"{prefix}refresh_step_ms"] == breakdown["stages"][f"{kind}_refresh_step"]["median_ms"]
+      assert cached[f"{prefix}reuse_over_ls"] == cached[f"{prefix}reuse_step_ms"] / cached["ls_step_ms"]
+      assert cached[f"{prefix}cycle_over_ls"] == pytest.approx(
+          (cached[f"{prefix}refresh_over_ls"] + 49 * cached[f"{prefix}reuse_over_ls"]) / 50)
   assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -139,13 +143,20 @@ def test_train_step_cached_split_refreshes_then_reuses():
   params = ts.MODELS["mlp"].init_for(args, k)
   x, y = (jnp.asarray(a) for a in ts.make_batches(args, k)[0])
   calls = ts.cached_step_calls(jax.jit, optax.adam(1e-3), k, 50, ts.MODELS["mlp"], None, params, x, y)
-  assert set(calls) == {"ls_step", "cached_refresh_step", "cached_reuse_step"}
+  assert set(calls) == {"ls_step", "cached_refresh_step", "cached_reuse_step", "host_refresh_step",
+                        "host_reuse_step"}
   _, refreshed = calls["cached_refresh_step"]()
   _, reused = calls["cached_reuse_step"]()
   assert int(refreshed[0].count) == 1 and int(reused[0].count) == 2
   assert not np.allclose(refreshed[0].weights, np.ones(k))  # solved at count 0
   # At count 1 the state carries the weights solved at count 0 on the same batch: kept bit for bit.
   np.testing.assert_array_equal(reused[0].weights, refreshed[0].weights)
+  # The loop's two steps do the same from the same states, the count deciding nothing.
+  _, host_refreshed = calls["host_refresh_step"]()
+  _, host_reused = calls["host_reuse_step"]()
+  np.testing.assert_allclose(host_refreshed[0].weights, refreshed[0].weights, rtol=1e-5)
+  np.testing.assert_array_equal(host_reused[0].weights, reused[0].weights)
+  assert int(host_refreshed[0].count) == 1 and int(host_reused[0].count) == 2
 
 
 def test_train_step_rejects_unknown_names_for_only(capsys):

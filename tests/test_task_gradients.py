@@ -157,6 +157,47 @@ def test_cached_steps_run_the_weighted_backward_pass_outside_the_cond():
   assert any(eqn.primitive.name == "dot_general" for eqn in after)  # the weighted backward pass
 
 
+def test_a_caller_scheduled_refresh_equals_the_cond_and_runs_at_top_level():
+  """``refresh_weights`` as a static argument: the two kinds of step compile apart, without a cond.
+
+  On the cond's schedule (every 3rd step) the trajectory is the cond path's;
+  the reusing step is one backward pass, the refreshing one the K backward
+  passes, both in the step's own computation.
+  """
+  params, x, y = setup()
+  make_tx = lambda: optax.chain(
+      optax_mtl.weighted_aggregation(K, inverse_norm, update_weights_every=3, shared=problems.is_shared),
+      optax.sgd(0.05))
+  cond_tx, host_tx = make_tx(), make_tx()
+
+  def step(tx, params, state, x, y, **kw):
+    grads = optax_mtl.task_gradients(problems.task_losses, batch_size=K)(params, x, y)
+    updates, state = tx.update(grads, state, params, **kw)
+    return optax.apply_updates(params, updates), state
+
+  cond_step = jax.jit(functools.partial(step, cond_tx))
+  host_step = jax.jit(functools.partial(step, host_tx), static_argnames="refresh_weights")
+  cond_params, cond_state = params, cond_tx.init(params)
+  host_params, host_state = params, host_tx.init(params)
+  for t in range(7):
+    x, y = problems.make_batch(seed=50 + t)
+    cond_params, cond_state = cond_step(cond_params, cond_state, x, y)
+    host_params, host_state = host_step(host_params, host_state, x, y, refresh_weights=t % 3 == 0)
+    assert_trees_close(host_params, cond_params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(host_state[0].weights, cond_state[0].weights, rtol=1e-5)
+  assert host_step._cache_size() == 2
+  assert int(host_state[0].count) == int(cond_state[0].count) == 7
+
+  lowered = {refresh: jax.jit(lambda p, s, refresh=refresh: step(host_tx, p, s, x, y, refresh_weights=refresh))
+             for refresh in (True, False)}
+  for fn in lowered.values():
+    assert "cond" not in {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(params, host_state).jaxpr.eqns}
+  flops = {refresh: fn.lower(params, host_state).compile().cost_analysis()["flops"] for refresh, fn in lowered.items()}
+  plain = jax.jit(jax.grad(lambda p: jnp.sum(problems.task_losses(p, x, y)))).lower(params).compile()
+  assert flops[False] < 1.3 * plain.cost_analysis()["flops"]  # one backward pass
+  assert flops[False] * 1.5 < flops[True]  # the K backward passes
+
+
 encoder = problems.encoder
 heads_per_task = problems.heads_per_task
 

@@ -100,6 +100,20 @@ def _check_every(update_weights_every):
   return int(value)
 
 
+def _check_refresh_weights(refresh_weights):
+  """The ``refresh_weights`` extra arg: ``None``, a Python bool, or a boolean scalar array."""
+  if refresh_weights is None or isinstance(refresh_weights, (bool, np.bool_)):
+    return None if refresh_weights is None else bool(refresh_weights)
+  shape, dtype = getattr(refresh_weights, "shape", None), getattr(refresh_weights, "dtype", None)
+  if shape != () or dtype != jnp.bool_:
+    got = f"{dtype}{list(shape)}" if shape is not None else repr(refresh_weights)
+    raise TypeError(
+        "refresh_weights must be None, a Python bool (static: the step compiles without a"
+        f" conditional) or a boolean scalar array, got {got}."
+    )
+  return refresh_weights
+
+
 def all_finite(tree) -> jax.Array:
   """Whether every element of ``tree`` is finite: a boolean scalar, materialised once.
 
@@ -230,7 +244,9 @@ def weighted_aggregation(
     update_weights_every: recompute the weights every this many updates and
       reuse the last ones in between (Nash-MTL's ``update_weights_every``).
       The Gram and the weighting are skipped on the steps in between. A
-      traced value (``optax.inject_hyperparams``) below 1 counts as 1.
+      traced value (``optax.inject_hyperparams``) below 1 counts as 1. The
+      choice is a :func:`jax.lax.cond` on ``count`` inside the step, unless
+      the caller makes it with the extra arg ``refresh_weights`` (below).
     initial_weights: ``(K,)`` weights held in the state before the first
       update (default ones).
     task_specific_weights: ``(K,)`` weights for the task-specific leaves
@@ -241,9 +257,27 @@ def weighted_aggregation(
       bool per leaf, ``None`` when every leaf is shared).
     nonfinite: ``"skip"`` (default) or ``"propagate"``, see above.
 
+  **Refreshing the weights from the caller** (the extra arg
+  ``refresh_weights``): ``True`` recomputes the weights on this update and
+  ``False`` reuses the last ones, whatever ``update_weights_every`` and
+  ``count`` say (``count`` still advances). A Python bool is static: with
+  ``jax.jit(step, static_argnames="refresh_weights")`` and
+  ``refresh_weights=(i % k == 0)`` from the training loop's own step index,
+  the step compiles twice, once per kind, with no conditional in either. The
+  ``lax.cond`` of the default schedule runs a refresh's ``K`` backward passes
+  in a nested computation, where XLA:CPU does not rewrite convolutions into
+  the form of its fast path (it rewrites top-level ones only): a conv net's
+  refresh ran 19x slower there than at top level (``benchmarks/train_step.py``,
+  10 tasks). On a GPU the static choice also drops the cond's predicate
+  round trip to the host. A
+  boolean scalar array is used as the cond's predicate instead of the
+  schedule. Without a refresh the weights are the initial ones, so the first
+  update should refresh.
+
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
-    ``task_losses`` as an extra argument and ignores other extra arguments.
+    ``task_losses`` and ``refresh_weights`` as extra arguments and ignores
+    other extra arguments.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_mtl
@@ -279,8 +313,9 @@ def weighted_aggregation(
         nonfinite_count=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+  def update_fn(updates, state, params=None, *, task_losses=None, refresh_weights=None, **extra_args):
     del extra_args
+    refresh_choice = _check_refresh_weights(refresh_weights)
     grads = task_gradients_lib.as_task_gradients(updates)
     grads.check(k, params)
     task_losses = check_losses(task_losses, grads, k, weighting.needs_task_losses)
@@ -306,7 +341,10 @@ def weighted_aggregation(
         new_updates = grads.weighted_update(weights, flags, other_weights)
       return new_updates, weights, weighting_state
 
-    if static_every == 1:
+    if refresh_choice is False:
+      weights, weighting_state = state.weights, state.weighting_state
+      new_updates = grads.weighted_update(weights, flags, other_weights)
+    elif refresh_choice is True or (refresh_choice is None and static_every == 1):
       new_updates, weights, weighting_state = refresh(state.weighting_state)
     else:
       # Only the weights are chosen under the cond; the weighted backward pass
@@ -315,7 +353,10 @@ def weighted_aggregation(
       # fast convolution path does not take (a conv net's backward pass ran
       # 8x slower there), which made the cached steps cost a refresh.
       # A traced period below 1 (inject_hyperparams) cannot raise; it refreshes every step.
-      due = state.count % jnp.maximum(update_weights_every, 1) == 0
+      if refresh_choice is None:
+        due = state.count % jnp.maximum(update_weights_every, 1) == 0
+      else:
+        due = refresh_choice
 
       def refresh_weights(weighting_state):
         return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)

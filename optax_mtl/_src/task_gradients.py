@@ -554,13 +554,17 @@ def task_gradients(
     ``lax.cond`` chooses only the weights, so that no backward pass runs in
     a conditional branch (XLA:CPU compiles a conv net's gradient there 8x
     slower, jax#12868). The ``K`` backward passes of a refresh still run in
-    the branch, so on XLA:CPU a conv net's refresh steps are that much slower;
+    the branch, so on XLA:CPU a conv net's refresh steps are that much
+    slower, unless the caller chooses statically (below);
   - on steps that reuse the last weights (``update_weights_every > 1``) and
     for methods that ignore the Gram (linear scalarization): one backward pass
     of :math:`\sum_i w_i L_i`.
 
   The choice is made inside the jitted step by the transform's own state
-  (a :func:`jax.lax.cond`), so one compiled step serves both.
+  (a :func:`jax.lax.cond`), so one compiled step serves both; or by the
+  training loop, with the extra arg ``refresh_weights=True``/``False`` of
+  the transform's ``update`` as a static argument of the jitted step: two
+  compiled steps, no conditional (see :func:`weighted_aggregation`).
 
   Args:
     fun: ``fun(params, *args) -> losses`` (``(K,)``) or ``(losses, aux)``.
