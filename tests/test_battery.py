@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,36 @@ def test_unknown_extra_args_are_ignored(case):
   plain = tx.update(jac, state, params, task_losses=losses)
   extra = tx.update(jac, state, params, task_losses=losses, batch_stats=None, step=3, label="x")
   assert_trees_close(plain, extra, rtol=0, atol=0)
+
+
+def test_refresh_weights_from_the_loop_matches_the_schedule(case):
+  # The loop's static choice against update_weights_every=2's cond: refresh, reuse, refresh.
+  params, jac, losses = problem()
+  other_losses, other_jac = problems.per_task_gradients(params, *problems.make_batch(seed=5))
+  batches = [(jac, losses), (other_jac, other_losses), (jac, losses)]
+  if "update_weights_every" not in inspect.signature(case.factory).parameters:
+    # No update_weights_every: LS and DWA weigh every step as it comes, GradDrop draws a new mask;
+    # the extra arg is ignored.
+    tx = make(case)
+    plain = tx.update(jac, tx.init(params), params, task_losses=losses)
+    for refresh in (True, False):
+      assert_trees_close(tx.update(jac, tx.init(params), params, task_losses=losses, refresh_weights=refresh),
+                         plain, rtol=0, atol=0)
+    return
+  scheduled, loop = make(case, update_weights_every=2), make(case, update_weights_every=1)
+  scheduled_update = jax.jit(scheduled.update)
+  loop_update = jax.jit(loop.update, static_argnames="refresh_weights")
+  scheduled_state, loop_state = scheduled.init(params), loop.init(params)
+  for t, (jac_t, losses_t) in enumerate(batches):
+    expected, scheduled_state = scheduled_update(jac_t, scheduled_state, params, task_losses=losses_t)
+    kept = loop_state.weights
+    updates, loop_state = loop_update(jac_t, loop_state, params, task_losses=losses_t, refresh_weights=t != 1)
+    assert_trees_close(updates, expected)
+    assert_trees_close(loop_state, scheduled_state)
+    if t == 1:  # update_weights_every=1 would refresh here; the loop said no
+      np.testing.assert_array_equal(loop_state.weights, kept)
+  assert int(loop_state.count) == 3
+  assert loop_update._cache_size() == 2
 
 
 def test_no_recompilation_on_second_call(case):

@@ -114,6 +114,21 @@ def _check_refresh_weights(refresh_weights):
   return refresh_weights
 
 
+def ignoring_refresh_weights(tx: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+  """``tx`` with the extra arg ``refresh_weights`` dropped.
+
+  For the methods without ``update_weights_every``, whose weights follow
+  every step (linear scalarization's, injected hyperparameters included, and
+  DWA's loss history): there is nothing for the loop to schedule.
+  """
+
+  def update_fn(updates, state, params=None, *, refresh_weights=None, **extra_args):
+    del refresh_weights
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def all_finite(tree) -> jax.Array:
   """Whether every element of ``tree`` is finite: a boolean scalar, materialised once.
 
@@ -267,12 +282,11 @@ def weighted_aggregation(
   ``lax.cond`` of the default schedule runs a refresh's ``K`` backward passes
   in a nested computation, where XLA:CPU does not rewrite convolutions into
   the form of its fast path (it rewrites top-level ones only): a conv net's
-  refresh ran 19x slower there than at top level (``benchmarks/train_step.py``,
-  10 tasks). On a GPU the static choice also drops the cond's predicate
-  round trip to the host. A
-  boolean scalar array is used as the cond's predicate instead of the
-  schedule. Without a refresh the weights are the initial ones, so the first
-  update should refresh.
+  refresh step took 11 to 19x as long there as at top level (10 tasks,
+  ``benchmarks/train_step.py``). On a GPU the static choice also drops the cond's predicate
+  round trip to the host. A boolean scalar array is used as the cond's
+  predicate instead of the schedule. Until the first refresh the weights are
+  the initial ones, so the first update should refresh.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -358,11 +372,11 @@ def weighted_aggregation(
       else:
         due = refresh_choice
 
-      def refresh_weights(weighting_state):
+      def solve_weights(weighting_state):
         return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)
 
       weights, weighting_state = lax.cond(
-          due, refresh_weights, lambda ws: (state.weights, ws), state.weighting_state)
+          due, solve_weights, lambda ws: (state.weights, ws), state.weighting_state)
       new_updates = grads.weighted_update(weights, flags, other_weights)
 
     if postprocess is not None:

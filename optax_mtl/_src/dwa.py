@@ -84,7 +84,9 @@ def dwa(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``weighting_state`` is
-    a :class:`DWAState`.
+    a :class:`DWAState`. Its ``update`` ignores the extra arg
+    ``refresh_weights`` of the other methods: the loss history moves at every
+    step.
 
   References:
     Liu et al., `End-to-End Multi-Task Learning with Attention
@@ -136,10 +138,10 @@ def dwa(
     new_state = DWAState(history, state.steps + 1, weights)
     return factor * weights, new_state
 
-  return aggregation.weighted_aggregation(
+  return aggregation.ignoring_refresh_weights(aggregation.weighted_aggregation(
       k,
       aggregation.Weighting(init=init, update=update, needs_gram=False, needs_task_losses=True),
       shared=shared,
       initial_weights=jnp.full((k,), factor),
       nonfinite=nonfinite,
-  )
+  ))

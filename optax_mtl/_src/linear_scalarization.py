@@ -45,7 +45,8 @@ def linear_scalarization(
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; its state's
-    ``weights`` field holds ``c w``.
+    ``weights`` field holds ``c w``. Its ``update`` ignores the extra arg
+    ``refresh_weights`` of the other methods: the weights apply at every step.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_mtl
@@ -72,10 +73,10 @@ def linear_scalarization(
     del gram
     return task_weights
 
-  return aggregation.weighted_aggregation(
+  return aggregation.ignoring_refresh_weights(aggregation.weighted_aggregation(
       k,
       aggregation.stateless(constant, needs_gram=False),
       shared=shared,
       initial_weights=task_weights,
       nonfinite=nonfinite,
-  )
+  ))

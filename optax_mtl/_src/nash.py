@@ -406,7 +406,8 @@ def nash_mtl(
   keeps its plain gradient there, so its head still trains); the weights are
   recomputed every ``update_weights_every`` steps and reused in between (with
   :func:`optax_mtl.task_gradients`, the steps in between cost one backward
-  pass). Unlike the official code it solves exactly (the official CCP fails
+  pass; the training loop can make that choice itself, see the extra arg
+  ``refresh_weights`` of :func:`optax_mtl.weighted_aggregation`). Unlike the official code it solves exactly (the official CCP fails
   on badly scaled gradients, see the README), handles ``K = 1``, zero
   gradients and Pareto-stationary points (zero update), and warm-starts from
   the last solution in the state.
