@@ -41,7 +41,8 @@ the archive):
 - ``scaling``: the 10M trunk (K = 2, 10, 40, with the peers) and the 100M
   trunk (K = 2, 10), the aggregation share at K = 10 from their breakdown;
 - ``solvers``: ``weight_solvers.py``; the weightings with data-dependent loops and their 10M steps at
-  K = 10 once more with those loops kept on the device (``DEVICE_LOOPS``) and once as by default;
+  K = 10 once more with those loops kept on the device (``DEVICE_LOOPS``) and once as by default,
+  with Nash-MTL's cached step both ways (the cond, and the loop's ``refresh_weights``);
   the conv trunk; ``compile_time.py``;
 - ``memory``: ``memory.py``, the compiled and measured peaks at K = 2, 10, 40,
   then the largest trunk at K = 10 (compiled peaks only);

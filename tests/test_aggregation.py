@@ -155,6 +155,26 @@ def test_a_static_refresh_weights_compiles_no_conditional():
   assert "cond" in primitives(refresh_weights=jnp.asarray(True))
   assert "cond" not in primitives(refresh_weights=True)
   assert "cond" not in primitives(refresh_weights=np.bool_(False))
+  assert "cond" not in primitives(refresh_weights=np.asarray(True))  # host data: static too
+
+
+def test_the_loops_schedule_does_not_retry_a_skipped_refresh():
+  # The documented difference from the cond: a refresh skipped for NaN input is not retried
+  # until the loop says True again; until then the initial weights stay.
+  params, jac, _ = setup()
+  tx = optax_mtl.weighted_aggregation(K, inverse_norm)
+  poisoned = dict(jac, trunk=dict(jac["trunk"], w=jac["trunk"]["w"].at[0, 1, 1].set(jnp.nan)))
+  step = jax.jit(lambda jac, state, refresh: tx.update(jac, state, params, refresh_weights=refresh),
+                 static_argnums=2)
+  updates, state = step(poisoned, tx.init(params), True)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  assert (int(state.count), int(state.nonfinite_count)) == (0, 1)
+  updates, state = step(jac, state, False)
+  np.testing.assert_array_equal(state.weights, np.ones(K))
+  assert (int(state.count), int(state.nonfinite_count)) == (1, 1)
+  np.testing.assert_allclose(updates["trunk"]["w"], optax_mtl.combine(np.ones(K), jac)["trunk"]["w"], rtol=1e-6)
+  _, state = step(jac, state, True)
+  np.testing.assert_allclose(state.weights, inverse_norm(optax_mtl.gram(jac)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [1, jnp.ones((2,), bool), jnp.asarray(1.0), "yes"])

@@ -94,10 +94,14 @@ def test_refresh_weights_from_the_loop_matches_the_schedule(case):
     # No update_weights_every: LS and DWA weigh every step as it comes, GradDrop draws a new mask;
     # the extra arg is ignored.
     tx = make(case)
-    plain = tx.update(jac, tx.init(params), params, task_losses=losses)
-    for refresh in (True, False):
-      assert_trees_close(tx.update(jac, tx.init(params), params, task_losses=losses, refresh_weights=refresh),
+    # Weights in the state that the step would not compute: honouring False would reuse them.
+    state = tx.init(params)._replace(weights=jnp.array([0.3, 2.0, 5.0]))
+    plain = tx.update(jac, state, params, task_losses=losses)
+    for refresh in (True, False, jnp.asarray(False)):
+      assert_trees_close(tx.update(jac, state, params, task_losses=losses, refresh_weights=refresh),
                          plain, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="refresh_weights must be"):
+      tx.update(jac, state, params, task_losses=losses, refresh_weights="yes")
     return
   scheduled, loop = make(case, update_weights_every=2), make(case, update_weights_every=1)
   scheduled_update = jax.jit(scheduled.update)

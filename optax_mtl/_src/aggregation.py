@@ -100,11 +100,18 @@ def _check_every(update_weights_every):
   return int(value)
 
 
-def _check_refresh_weights(refresh_weights):
-  """The ``refresh_weights`` extra arg: ``None``, a Python bool, or a boolean scalar array."""
-  if refresh_weights is None or isinstance(refresh_weights, (bool, np.bool_)):
-    return None if refresh_weights is None else bool(refresh_weights)
+def check_refresh_weights(refresh_weights):
+  """The ``refresh_weights`` extra arg: ``None``, a static bool, or a traced boolean scalar.
+
+  Python and NumPy bools (0-d NumPy arrays included) are static; a
+  ``jax.Array`` (concrete or traced) becomes the cond's predicate.
+  """
+  if refresh_weights is None:
+    return None
   shape, dtype = getattr(refresh_weights, "shape", None), getattr(refresh_weights, "dtype", None)
+  if isinstance(refresh_weights, bool) or (isinstance(refresh_weights, (np.ndarray, np.bool_))
+                                           and shape == () and dtype == np.bool_):
+    return bool(refresh_weights)
   if shape != () or dtype != jnp.bool_:
     got = f"{dtype}{list(shape)}" if shape is not None else repr(refresh_weights)
     raise TypeError(
@@ -118,12 +125,13 @@ def ignoring_refresh_weights(tx: optax.GradientTransformationExtraArgs) -> optax
   """``tx`` with the extra arg ``refresh_weights`` dropped.
 
   For the methods without ``update_weights_every``, whose weights follow
-  every step (linear scalarization's, injected hyperparameters included, and
-  DWA's loss history): there is nothing for the loop to schedule.
+  every step (linear scalarization's, injected hyperparameters included,
+  DWA's loss history, GradDrop's draws): there is nothing for the loop to
+  schedule. The value is still checked, as every transform checks it.
   """
 
   def update_fn(updates, state, params=None, *, refresh_weights=None, **extra_args):
-    del refresh_weights
+    check_refresh_weights(refresh_weights)
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -251,6 +259,29 @@ def weighted_aggregation(
   latter for ``optax.chain(tx, optax.apply_if_finite(optimizer))`` so that
   the optimizer skips its step as well (its moments untouched).
 
+  **Refreshing the weights from the caller** (the extra arg
+  ``refresh_weights``): ``True`` recomputes the weights on this update and
+  ``False`` reuses the last ones, whatever ``update_weights_every`` and
+  ``count`` say (``count`` still advances; leave ``update_weights_every`` at
+  1). A Python bool (or a NumPy bool scalar) is static: with
+  ``jax.jit(step, static_argnames="refresh_weights")`` and
+  ``refresh_weights=(i % k == 0)`` from the training loop's own step index,
+  the step compiles twice, once per kind, with no conditional in either. The
+  ``lax.cond`` of the default schedule runs a refresh's ``K`` backward passes
+  in a nested computation, where XLA:CPU does not rewrite convolutions into
+  the form of its fast path (it rewrites top-level ones only): a conv net's
+  refresh step took 11 to 19x as long there as at top level (10 tasks,
+  ``benchmarks/train_step.py``). On a GPU the static choice also drops the
+  cond's predicate round trip to the host, and under :func:`jax.vmap` the
+  select the cond becomes, which runs both branches. A ``jax.Array``
+  boolean scalar is used as the cond's predicate instead of the schedule.
+  The loop's schedule does not retry a refresh skipped for non-finite input
+  (the cond's does, from ``count``): the last finite weights, or the initial
+  ones before the first refresh, stay until the loop's next ``True``; a loop
+  that must retry compares ``nonfinite_count`` across the step (a read on
+  the host). Inside :func:`jax.lax.scan`, scan over cycles: one refreshing
+  step, then a scan of ``k - 1`` reusing ones.
+
   Args:
     num_tasks: the number of tasks ``K`` (static: it fixes the state shapes).
     weighting: a :class:`Weighting`, or a pure function ``gram -> weights``.
@@ -271,22 +302,6 @@ def weighted_aggregation(
       combining, e.g. clipping the shared part (``shared_flags`` holds one
       bool per leaf, ``None`` when every leaf is shared).
     nonfinite: ``"skip"`` (default) or ``"propagate"``, see above.
-
-  **Refreshing the weights from the caller** (the extra arg
-  ``refresh_weights``): ``True`` recomputes the weights on this update and
-  ``False`` reuses the last ones, whatever ``update_weights_every`` and
-  ``count`` say (``count`` still advances). A Python bool is static: with
-  ``jax.jit(step, static_argnames="refresh_weights")`` and
-  ``refresh_weights=(i % k == 0)`` from the training loop's own step index,
-  the step compiles twice, once per kind, with no conditional in either. The
-  ``lax.cond`` of the default schedule runs a refresh's ``K`` backward passes
-  in a nested computation, where XLA:CPU does not rewrite convolutions into
-  the form of its fast path (it rewrites top-level ones only): a conv net's
-  refresh step took 11 to 19x as long there as at top level (10 tasks,
-  ``benchmarks/train_step.py``). On a GPU the static choice also drops the cond's predicate
-  round trip to the host. A boolean scalar array is used as the cond's
-  predicate instead of the schedule. Until the first refresh the weights are
-  the initial ones, so the first update should refresh.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
@@ -329,7 +344,7 @@ def weighted_aggregation(
 
   def update_fn(updates, state, params=None, *, task_losses=None, refresh_weights=None, **extra_args):
     del extra_args
-    refresh_choice = _check_refresh_weights(refresh_weights)
+    refresh_choice = check_refresh_weights(refresh_weights)
     grads = task_gradients_lib.as_task_gradients(updates)
     grads.check(k, params)
     task_losses = check_losses(task_losses, grads, k, weighting.needs_task_losses)

@@ -189,6 +189,8 @@ def graddrop(
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` with an
     :class:`optax_mtl.AggregationState` (``weighting_state``: the key data).
+    Its ``update`` ignores the extra arg ``refresh_weights`` of the other
+    methods: every step draws its own mask.
 
   References:
     Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with
@@ -233,4 +235,4 @@ def graddrop(
     kept = jnp.where(aggregation.all_finite(jac), kept, jnp.nan).astype(state.weights.dtype)
     return aggregation.finish_update(state, new_updates, kept, key_data, task_losses, nonfinite)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return aggregation.ignoring_refresh_weights(optax.GradientTransformationExtraArgs(init_fn, update_fn))

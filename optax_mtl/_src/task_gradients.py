@@ -548,14 +548,16 @@ def task_gradients(
 
   - on steps where the weights are recomputed: ``K`` backward passes (the
     Jacobian of the shared leaves only, with ``shared=``; the task-specific
-    leaves come from one weighted backward pass). With
+    leaves come from one weighted backward pass). With the ``lax.cond`` of
     ``update_weights_every > 1`` the update on these steps is the one
-    weighted backward pass of all leaves, as on the other steps: the
-    ``lax.cond`` chooses only the weights, so that no backward pass runs in
-    a conditional branch (XLA:CPU compiles a conv net's gradient there 8x
+    weighted backward pass of all leaves, as on the other steps: the cond
+    chooses only the weights, so that no backward pass runs in a
+    conditional branch (XLA:CPU compiles a conv net's gradient there 8x
     slower, jax#12868). The ``K`` backward passes of a refresh still run in
     the branch, so on XLA:CPU a conv net's refresh steps are that much
-    slower, unless the caller chooses statically (below);
+    slower, unless the caller chooses statically (below). With
+    ``update_weights_every=1`` or the caller's ``refresh_weights=True`` the
+    update is combined from the Jacobian instead;
   - on steps that reuse the last weights (``update_weights_every > 1``) and
     for methods that ignore the Gram (linear scalarization): one backward pass
     of :math:`\sum_i w_i L_i`.
