@@ -19,12 +19,18 @@ SKIP = {"case04", "case24", "case32", "case33", "case34", "case35", "case36"}
 def test_matches_torchjd_and_the_official_closed_form(case):
   gram = reference.get(case, "gram")
   w = np.asarray(imtl_g(jnp.asarray(gram, jnp.float32)), np.float64)
+  # A float32 solve's forward error grows like cond(M) eps: where M is nonsingular in float32
+  # the bound is that, at least 2e-5 (the collinear K = 10 case, cond 729, read 2.1e-5 on an
+  # AVX-512 CPU and under 2e-5 on the earlier machines); rank-deficient Grams keep 2e-5.
+  eigenvalues = np.linalg.eigvalsh(gram)
+  nonsingular = eigenvalues[0] > 1e-6 * eigenvalues[-1]
+  rtol = max(2e-5, np.finfo(np.float32).eps * eigenvalues[-1] / eigenvalues[0]) if nonsingular else 2e-5
   for key in ("tjd_imtlg_w", "imtlg_official_w"):
     ref = reference.get(case, key)
     if not np.all(np.isfinite(ref)):  # the official code returns NaN on a zero row
       continue
     dw = w - ref
-    assert np.sqrt(max(dw @ gram @ dw, 0)) <= 2e-5 * max(np.sqrt(max(ref @ gram @ ref, 0)), 1e-12)
+    assert np.sqrt(max(dw @ gram @ dw, 0)) <= rtol * max(np.sqrt(max(ref @ gram @ ref, 0)), 1e-12)
   if np.all(np.isfinite(w)) and abs(w.sum()) > 0:
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
 
