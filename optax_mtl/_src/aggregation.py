@@ -100,7 +100,7 @@ def _check_every(update_weights_every):
   return int(value)
 
 
-def check_refresh_weights(refresh_weights):
+def _check_refresh_weights(refresh_weights):
   """The ``refresh_weights`` extra arg: ``None``, a static bool, or a traced boolean scalar.
 
   Python and NumPy bools (0-d NumPy arrays included) are static; a
@@ -131,7 +131,7 @@ def ignoring_refresh_weights(tx: optax.GradientTransformationExtraArgs) -> optax
   """
 
   def update_fn(updates, state, params=None, *, refresh_weights=None, **extra_args):
-    check_refresh_weights(refresh_weights)
+    _check_refresh_weights(refresh_weights)
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
@@ -344,7 +344,7 @@ def weighted_aggregation(
 
   def update_fn(updates, state, params=None, *, task_losses=None, refresh_weights=None, **extra_args):
     del extra_args
-    refresh_choice = check_refresh_weights(refresh_weights)
+    refresh_choice = _check_refresh_weights(refresh_weights)
     grads = task_gradients_lib.as_task_gradients(updates)
     grads.check(k, params)
     task_losses = check_losses(task_losses, grads, k, weighting.needs_task_losses)
@@ -370,28 +370,28 @@ def weighted_aggregation(
         new_updates = grads.weighted_update(weights, flags, other_weights)
       return new_updates, weights, weighting_state
 
-    if refresh_choice is False:
-      weights, weighting_state = state.weights, state.weighting_state
-      new_updates = grads.weighted_update(weights, flags, other_weights)
-    elif refresh_choice is True or (refresh_choice is None and static_every == 1):
+    if refresh_choice is True or (refresh_choice is None and static_every == 1):
       new_updates, weights, weighting_state = refresh(state.weighting_state)
     else:
-      # Only the weights are chosen under the cond; the weighted backward pass
-      # runs after it, in the step's own computation. XLA:CPU leaves the
-      # gradient convolutions inside a conditional branch in a layout its
-      # fast convolution path does not take (a conv net's backward pass ran
-      # 8x slower there), which made the cached steps cost a refresh.
-      # A traced period below 1 (inject_hyperparams) cannot raise; it refreshes every step.
-      if refresh_choice is None:
-        due = state.count % jnp.maximum(update_weights_every, 1) == 0
+      if refresh_choice is False:
+        weights, weighting_state = state.weights, state.weighting_state
       else:
-        due = refresh_choice
+        # Only the weights are chosen under the cond; the weighted backward pass
+        # runs after it, in the step's own computation. XLA:CPU leaves the
+        # gradient convolutions inside a conditional branch in a layout its
+        # fast convolution path does not take (a conv net's backward pass ran
+        # 8x slower there), which made the cached steps cost a refresh.
+        # A traced period below 1 (inject_hyperparams) cannot raise; it refreshes every step.
+        if refresh_choice is None:
+          due = state.count % jnp.maximum(update_weights_every, 1) == 0
+        else:
+          due = refresh_choice
 
-      def solve_weights(weighting_state):
-        return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)
+        def solve_weights(weighting_state):
+          return solve(grads.gram(flags) if weighting.needs_gram else None, weighting_state)
 
-      weights, weighting_state = lax.cond(
-          due, solve_weights, lambda ws: (state.weights, ws), state.weighting_state)
+        weights, weighting_state = lax.cond(
+            due, solve_weights, lambda ws: (state.weights, ws), state.weighting_state)
       new_updates = grads.weighted_update(weights, flags, other_weights)
 
     if postprocess is not None:
