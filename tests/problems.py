@@ -50,6 +50,7 @@ def task_losses(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return heads_per_task(params, [encoder(params, x, y)] * len(params["heads"]), x, y)
 
 
+@jax.jit
 def per_task_gradients(params: dict, x: jax.Array, y: jax.Array):
   """Losses and the per-task gradient tree, every leaf ``(K, *param.shape)``."""
   losses = task_losses(params, x, y)

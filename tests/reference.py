@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import numpy as np
+import pytest
 
 PATH = pathlib.Path(__file__).parent / "data" / "reference_subset.npz"
 
@@ -40,6 +41,17 @@ def has(case: dict, field: str) -> bool:
 def case_id(case: dict) -> str:
   variant = f"-{case['variant']}" if case["variant"] else ""
   return f"{case['prefix']}-{case['regime']}{variant}-K{case['K']}".replace(" ", "")
+
+
+# Each weighting compiles once per K: the quick tier (``pytest -m "not slow"``) runs the cases up
+# to this K, the full suite every case.
+QUICK_MAX_K = 3
+
+
+def params(cases: list[dict]) -> list:
+  """``cases`` as pytest params named by ``case_id``, those with ``K > QUICK_MAX_K`` marked ``slow``."""
+  return [pytest.param(case, id=case_id(case), marks=pytest.mark.slow if case["K"] > QUICK_MAX_K else ())
+          for case in cases]
 
 
 def direction_error(gram: np.ndarray, w, w_ref: np.ndarray) -> float:

@@ -271,6 +271,7 @@ def _compiled_ands(make, num_leaves):
   return jax.jit(step).lower(params, tx.init(params)).compile().as_text().count(" and(")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [optax_mtl.linear_scalarization, optax_mtl.nash_mtl,
                                   lambda k: optax_mtl.graddrop(k, key=0)],
                          ids=["linear_scalarization", "nash_mtl", "graddrop"])

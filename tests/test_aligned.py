@@ -32,7 +32,7 @@ def relative_direction_error(gram, w, w_ref):
   return error / (reference_norm if reference_norm > 0 else np.sqrt(np.max(np.diag(gram))))
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_float32_matches_the_official_float32_threshold_run(case):
   """The official code as trained (float32 eps threshold): directions within 1e-4, same rank."""
   gram = reference.get(case, "gram")
@@ -41,7 +41,7 @@ def test_float32_matches_the_official_float32_threshold_run(case):
   assert int(info.rank) == int(reference.get(case, "aligned_official_f32eps_rank"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 @pytest.mark.parametrize("mode, field", [("min", "aligned_official_w"), ("median", "aligned_official_median_w"),
                                          ("rmse", "aligned_official_rmse_w")])
 def test_float64_matches_the_official_float64_runs(case, mode, field):
@@ -71,8 +71,8 @@ def test_golden_values():
                              [0.5591, 0.4083], atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["regime"] in ("gaussian", "conflicting", "collinear")],
-                         ids=reference.case_id)
+@pytest.mark.parametrize(
+    "case", reference.params([c for c in CASES if c["regime"] in ("gaussian", "conflicting", "collinear")]))
 def test_aligned_system_has_orthogonal_rows_of_equal_norm(case):
   """B M B = s P: the rows of B J are orthogonal with norm sqrt(s) on the kept subspace."""
   gram = reference.get(case, "gram")

@@ -1,4 +1,8 @@
-"""The common battery: every transform of the registry (transforms.py) runs it."""
+"""The common battery: every transform of the registry (transforms.py) runs it.
+
+The quick tier (``pytest -m "not slow"``) runs the unmarked tests on each method's primary case;
+the variants, and the tests marked ``slow`` (meshes, several compiled steps), run in the full suite.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import optax_mtl
 import problems
-from transforms import CASES
+from transforms import case_params
 
 K = problems.NUM_TASKS
 RTOL = 1e-5
 ATOL = 1e-6
 
-pytestmark = pytest.mark.parametrize("case", CASES, ids=str)
+pytestmark = pytest.mark.parametrize("case", case_params())
 
 
 def make(case, **overrides):
@@ -50,12 +54,15 @@ def assert_same_types(a, b):
 
 
 def test_chain_with_adam_under_jit(case):
+  # Also: one trace and one compilation over steps on changing batches (no recompilation).
   params, jac, losses = problem()
   tx = optax.chain(make(case), optax.adam(1e-2))
   alone = make(case)
+  traces = []
 
   @jax.jit
   def step(params, state, jac, losses):
+    traces.append(None)
     updates, state = tx.update(jac, state, params, task_losses=losses)
     return optax.apply_updates(params, updates), state, updates
 
@@ -74,6 +81,8 @@ def test_chain_with_adam_under_jit(case):
   weights = optax.tree.get(state, "weights")
   assert weights.shape == (K,)
   assert int(state[0].count) == 3
+  assert len(traces) == 1
+  assert step._cache_size() == 1
 
 
 def test_unknown_extra_args_are_ignored(case):
@@ -85,6 +94,7 @@ def test_unknown_extra_args_are_ignored(case):
   assert_trees_close(plain, extra, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_refresh_weights_from_the_loop_matches_the_schedule(case):
   # The loop's static choice against update_weights_every=2's cond: refresh, reuse, refresh.
   params, jac, losses = problem()
@@ -119,25 +129,7 @@ def test_refresh_weights_from_the_loop_matches_the_schedule(case):
   assert loop_update._cache_size() == 2
 
 
-def test_no_recompilation_on_second_call(case):
-  params, jac, losses = problem()
-  tx = optax.chain(make(case), optax.sgd(0.1))
-  traces = []
-
-  @jax.jit
-  def step(params, state, jac, losses):
-    traces.append(None)
-    updates, state = tx.update(jac, state, params, task_losses=losses)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  params, state = step(params, state, jac, losses)
-  losses, jac = problems.per_task_gradients(params, *problems.make_batch(seed=5))
-  params, state = step(params, state, jac, losses)
-  assert len(traces) == 1
-  assert step._cache_size() == 1
-
-
+@pytest.mark.slow
 def test_inject_hyperparams(case):
   params, jac, losses = problem()
   injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)
@@ -170,6 +162,7 @@ def test_inject_hyperparams(case):
     assert differs, f"{name}: {first} and {second} gave the same updates"
 
 
+@pytest.mark.slow
 def test_partition_with_task_heads(case):
   params, jac, losses = problem()
   labels = {"trunk": "shared", "heads": "heads"}
@@ -189,6 +182,7 @@ def test_partition_with_task_heads(case):
       updates["heads"], jax.tree.map(lambda g: -jnp.sum(g, axis=0), jac["heads"]))
 
 
+@pytest.mark.slow
 def test_leaf_dtypes_are_kept(case):
   params, jac, losses = problem()
   params = dict(params, trunk=jax.tree.map(lambda p: p.astype(jnp.bfloat16), params["trunk"]))
@@ -206,6 +200,7 @@ def test_leaf_dtypes_are_kept(case):
     np.testing.assert_allclose(np.asarray(u, np.float64), np.asarray(r, np.float64), rtol=0, atol=4e-2 * scale)
 
 
+@pytest.mark.slow
 def test_state_types_are_stable(case):
   params, jac, losses = problem()
   tx = make(case)
@@ -239,6 +234,7 @@ def test_init_on_shape_dtype_struct(case):
   assert_same_types(jax.eval_shape(tx.init, abstract), tx.init(params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
 def test_sharded_equals_unsharded(case, axis_type):
   params, jac, losses = problem()
@@ -276,6 +272,7 @@ def test_contract_errors(case):
     tx.update(jac, state, params, task_losses=losses[:2])
 
 
+@pytest.mark.slow
 def test_lazy_task_gradients_equal_the_explicit_tree(case):
   params, jac, losses = problem()
   x, y = problems.make_batch()
@@ -292,6 +289,7 @@ def test_lazy_task_gradients_equal_the_explicit_tree(case):
   assert_trees_close(state, expected_state, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_gradients_through_the_representation_equal_the_explicit_tree(case):
   """``feature_task_gradients(..., per_task_heads=K, level="parameters")``: the per-task path."""
   params, jac, losses = problem()
@@ -328,6 +326,7 @@ def test_a_transform_given_no_leaves_passes(case):
   assert int(state.inner_state.nonfinite_count) == 0 and int(state.inner_state.count) == 1
 
 
+@pytest.mark.slow
 def test_propagated_nonfinite_input_makes_the_optimizer_skip_too(case):
   # nonfinite="propagate" sends NaN on, so that optax.apply_if_finite on the
   # optimizer after the transform keeps the optimizer's moments as well.
@@ -348,6 +347,7 @@ def test_propagated_nonfinite_input_makes_the_optimizer_skip_too(case):
     make(case, nonfinite="zero")
 
 
+@pytest.mark.slow
 def test_step_never_synchronises_with_the_host(case):
   # The solvers run in-graph: no callbacks in the program, and a jitted step on
   # device-resident inputs moves nothing between host and device.

@@ -6,6 +6,8 @@ import pytest
 
 import scripts
 
+pytestmark = pytest.mark.slow  # each test runs a script
+
 
 def load(name):
   return scripts.load("benchmarks", name)

@@ -40,7 +40,7 @@ def simplex_solution(gram, c, dtype=jnp.float32):
   return np.asarray(_simplex_solver(c)(jnp.asarray(gram, dtype)), np.float64)
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 @pytest.mark.parametrize("c", [0.4, 0.5])
 def test_solves_the_simplex_problem_to_kkt_1e5(case, c):
   gram = reference.get(case, "gram")
@@ -63,7 +63,8 @@ def test_solves_the_simplex_problem_to_kkt_1e5(case, c):
     assert objective(gram, c, w) <= objective(gram, c, official) + 1e-6 * scale
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["regime"] == "scale"], ids=reference.case_id)
+@pytest.mark.slow
+@pytest.mark.parametrize("case", reference.params([c for c in CASES if c["regime"] == "scale"]))
 def test_float32_matches_float64_on_graded_norms(case):
   """Solved in y = n * w, float32 keeps the small tasks; float64 certifies itself by KKT ~ 1e-12."""
   gram = reference.get(case, "gram")
@@ -89,8 +90,7 @@ def test_zero_gradient_tasks_are_left_out():
   assert np.all(np.isfinite(zeros))
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["regime"] not in DEGENERATE + ("scale",)],
-                         ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params([c for c in CASES if c["regime"] not in DEGENERATE + ("scale",)]))
 def test_matches_the_official_update_where_slsqp_converged(case):
   """Official coef = K (1/K + lambda w) / (1 + c^2); both references stop within ~4e-4 of the optimum."""
   gram = reference.get(case, "gram")

@@ -34,6 +34,7 @@ STEPS = 7
 SAVE_AT = 3
 RANDOM_CASES = [case for case in CASES if "key" in case.kwargs]
 OTHER_KEY = 1234
+pytestmark = pytest.mark.slow  # trains every case for STEPS steps, twice
 CASE_BY_NAME = {case.name: case for case in CASES}  # Case holds dicts: not hashable itself
 # As in test_precision.py: LLVM optimisation level 0 compiles a third faster;
 # both runs compared here go through the same compiled step.

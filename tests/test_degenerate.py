@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import optax_mtl
-from transforms import CASES
+from transforms import case_params
 
 K, D = 3, 16
 
@@ -146,6 +146,7 @@ def test_weighting_is_finite_and_keeps_its_properties(name, family):
   _check_weighting(name, FAMILIES[family], regular=family in REGULAR)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(WEIGHTINGS), ids=str)
 def test_weighting_at_k100_and_k1(name):
   rng = np.random.default_rng(1)
@@ -178,7 +179,7 @@ def _two_steps(case, g, losses):
   return outputs, state
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", case_params())
 def test_transform_update_is_finite_on_every_family(case):
   for family, g in FAMILIES.items():
     outputs, state = _two_steps(case, g, LOSSES)
@@ -190,7 +191,7 @@ def test_transform_update_is_finite_on_every_family(case):
       np.testing.assert_array_equal(outputs[-1], 0.0)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", case_params())
 def test_transform_with_a_single_task(case):
   g = np.random.default_rng(2).normal(size=(1, D))
   outputs, state = _two_steps(case, g, LOSSES[:1])

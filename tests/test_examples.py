@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_mtl
 import scripts
 
 ROOT = scripts.ROOT
+pytestmark = pytest.mark.slow  # each test runs an example
 
 
 def load(name):

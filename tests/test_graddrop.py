@@ -13,7 +13,7 @@ from optax_mtl._src import graddrop as graddrop_lib
 CASES = [c for c in reference.cases() if reference.has(c, "G")]
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_reproduces_torchjd_and_samsung_with_their_uniforms(case):
   g = reference.get(case, "G")
   with jax.enable_x64(True):

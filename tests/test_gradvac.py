@@ -14,7 +14,7 @@ CASES = reference.cases()
 direction_error = reference.direction_error
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_reproduces_samsung_and_torchjd_with_their_orders(case):
   gram = reference.get(case, "gram")
   with jax.enable_x64(True):

@@ -24,7 +24,7 @@ def split_into_tree(g: np.ndarray) -> dict:
   }
 
 
-@pytest.mark.parametrize("case", MATRIX_CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(MATRIX_CASES))
 def test_gram_matches_float64_reference(case):
   g = reference.get(case, "G")
   expected = reference.get(case, "gram")
@@ -98,7 +98,7 @@ def test_gram_is_vmappable_over_a_batch_of_trees():
   np.testing.assert_allclose(out[2], optax_mtl.gram({"a": batch["a"][2]}), rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", MATRIX_CASES[::4], ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(MATRIX_CASES[::4]))
 def test_combine_matches_weighted_sum(case):
   g = reference.get(case, "G")
   rng = np.random.default_rng(case["seed"])

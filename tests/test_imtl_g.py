@@ -15,7 +15,7 @@ imtl_g = jax.jit(optax_mtl.weighting.imtl_g)
 SKIP = {"case04", "case24", "case32", "case33", "case34", "case35", "case36"}
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c["prefix"] not in SKIP], ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params([c for c in CASES if c["prefix"] not in SKIP]))
 def test_matches_torchjd_and_the_official_closed_form(case):
   gram = reference.get(case, "gram")
   w = np.asarray(imtl_g(jnp.asarray(gram, jnp.float32)), np.float64)
@@ -35,7 +35,7 @@ def test_matches_torchjd_and_the_official_closed_form(case):
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_equal_projections_on_unit_gradients(case):
   """On every fixture, the skipped ones included: ``u_i^T d`` equal across tasks, relative to ``||d||``."""
   gram = reference.get(case, "gram")

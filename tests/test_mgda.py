@@ -30,7 +30,7 @@ def direction_error(gram, w, w_ref):
   return np.sqrt(max(dw @ gram @ dw, 0.0))
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_exact_min_norm_point_on_every_fixture(case):
   gram = reference.get(case, "gram")
   w, info = exact(jnp.asarray(gram, jnp.float32))
@@ -144,6 +144,7 @@ def test_normalizations(normalization):
       mgda_lib.mgda(gram, normalization=normalization)
 
 
+@pytest.mark.slow
 def test_permutation_equivariance_and_vmap():
   rng = np.random.default_rng(2)
   g = rng.normal(size=(6, 5))  # K > d: the min-norm point has a sparse support

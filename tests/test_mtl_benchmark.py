@@ -80,6 +80,7 @@ def test_condition_number_ignores_the_null_space():
   assert np.isnan(benchmark.condition_number(np.zeros((2, 2))))
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_writes_json_markdown_and_plots(tmp_path):
   benchmark.main(["--problem", "multimnist", "--methods", "linear_scalarization", "mgda", "--seeds", "0",
                   "--steps", "20", "--eval-every", "10", "--out", str(tmp_path)])

@@ -37,6 +37,7 @@ import scripts
 from transforms import CASES
 
 example = scripts.load("examples", "multi_device")
+pytestmark = pytest.mark.slow  # 2 x 4 meshes, and the example as a script
 K = example.NUM_TASKS
 STEPS = 3
 LEARNING_RATE = 0.1

@@ -36,7 +36,7 @@ def residual64(case, a):
   return np.max(np.abs(a * (gram @ a) - 1.0))
 
 
-@pytest.mark.parametrize("case", SOLVABLE, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(SOLVABLE))
 def test_exact_solution_on_every_solvable_fixture(case):
   a, info = solve(case["prefix"])
   assert residual64(case, a) <= 1e-4
@@ -45,7 +45,7 @@ def test_exact_solution_on_every_solvable_fixture(case):
   np.testing.assert_allclose(a, exact, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", OFFICIAL_CONVERGED, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(OFFICIAL_CONVERGED))
 @pytest.mark.parametrize("solver", ["newton", "ccp"])
 def test_matches_the_official_weights_where_the_official_ccp_converged(case, solver):
   a, _ = solve(case["prefix"], solver)
@@ -55,14 +55,15 @@ def test_matches_the_official_weights_where_the_official_ccp_converged(case, sol
   np.testing.assert_allclose(a, official, rtol=5e-5)
 
 
-@pytest.mark.parametrize("case", SOLVABLE[::10], ids=reference.case_id)
+@pytest.mark.slow
+@pytest.mark.parametrize("case", reference.params(SOLVABLE[::10]))
 def test_jaxopt_cross_check(case):
   a, info = solve(case["prefix"], "jaxopt")
   assert bool(info.solvable)
   np.testing.assert_allclose(a, reference.get(case, "nash_exact_alpha_raw"), rtol=2e-3)
 
 
-@pytest.mark.parametrize("case", [c for c in OFFICIAL_CONVERGED if reference.has(c, "G")], ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params([c for c in OFFICIAL_CONVERGED if reference.has(c, "G")]))
 def test_transform_reproduces_the_official_clipped_directions(case):
   g = reference.get(case, "G").astype(np.float32)
   params = {"p": jnp.zeros(g.shape[1])}
@@ -76,7 +77,7 @@ def test_transform_reproduces_the_official_clipped_directions(case):
   np.testing.assert_allclose(updates["p"], tjd, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", SOLVABLE, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(SOLVABLE))
 def test_oracles(case):
   """a_i (M a)_i = 1, so ||J^T a||^2 = K and g_i^T d = 1/a_i > 0."""
   a, _ = solve(case["prefix"])
@@ -245,6 +246,7 @@ def test_update_weights_every_with_lazy_gradients():
   assert step._cache_size() == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["ccp", "jaxopt"])
 def test_alternative_solvers_in_the_transform(solver):
   params, jac, _ = setup()

@@ -46,7 +46,7 @@ import pytest
 from jax import lax
 
 import problems
-from transforms import CASES
+from transforms import CASES, case_params
 
 K = problems.NUM_TASKS
 STEPS = 5
@@ -124,7 +124,8 @@ def float32_run(name):
   return run_case(CASE_BY_NAME[name], jnp.float32)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.slow
+@pytest.mark.parametrize("case", case_params())
 def test_float64_agrees_with_float32(case):
   updates32, _, weights32, _, _ = float32_run(case.name)
   with jax.enable_x64(True):
@@ -137,8 +138,9 @@ def test_float64_agrees_with_float32(case):
   assert relative_errors(weights32[:, None], weights64[:, None]).max() <= weights_rtol
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", case_params())
 def test_low_precision_gradients(case, dtype):
   params, jacs, _ = trajectory_inputs()
   updates, dtypes, weights, weights_dtype, nonfinite = run_case(case, dtype)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 import problems
-from transforms import CASES
+from transforms import case_params
 
 EXAMPLES_PER_CASE = 3
 VARIANTS = 3  # random gradient sets per structure, plus one all-zero set
@@ -75,7 +75,8 @@ def build(problem):
   return params, jac, losses
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.slow
+@pytest.mark.parametrize("case", case_params())
 @settings(max_examples=EXAMPLES_PER_CASE, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(problem=random_problems())
@@ -112,7 +113,7 @@ def small_problem():
   return params, jac, losses
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", case_params())
 def test_update_without_task_losses(case):
   """Loss-based weightings reject a missing ``task_losses`` at trace time, jitted or not; the others do not need it."""
   params, jac, _ = small_problem()

@@ -299,6 +299,7 @@ PER_TASK_TRANSFORMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_task", [heads_per_task, stacked_heads_per_task], ids=["list", "vmap"])
 @pytest.mark.parametrize("name", sorted(PER_TASK_TRANSFORMS))
 def test_per_task_heads_equal_the_generic_heads(name, per_task):
@@ -320,6 +321,7 @@ def test_per_task_heads_equal_the_generic_heads(name, per_task):
   assert jac.shape == (K, *encoder(params, x, y).shape)
 
 
+@pytest.mark.slow
 def test_per_task_heads_step_never_stacks_the_representation_gradients():
   """A representation of two 16384-column blocks and a remainder: the blocked Gram of the K copies.
 
@@ -458,6 +460,7 @@ PARAMETER_LEVEL_TRANSFORMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [None, 2])
 @pytest.mark.parametrize("shared", [None, problems.is_shared], ids=["all", "shared"])
 @pytest.mark.parametrize("per_task", [None, heads_per_task, stacked_heads_per_task], ids=["generic", "list", "vmap"])
@@ -508,6 +511,7 @@ def test_parameter_level_jacobian_is_exact_where_the_heads_read_shared_leaves(ba
   np.testing.assert_allclose(state.weights, expected_state.weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_parameter_level_costs_one_backward_pass_of_the_heads():
   """The shared Gram without K^2 head backward passes: heavy heads on a cheap encoder, in flops."""
   num_tasks, params, x, enc, generic, split = heavy_heads()

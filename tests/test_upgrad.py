@@ -25,7 +25,7 @@ def direction_error(gram, w, w_ref):
                                                   np.sqrt(np.max(np.diag(gram))))
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_torchjd_variant_matches_torchjd(case):
   gram = reference.get(case, "gram")
   g32 = jnp.asarray(gram, jnp.float32)
@@ -35,7 +35,7 @@ def test_torchjd_variant_matches_torchjd(case):
   assert direction_error(gram, dualproj_tjd(g32), reference.get(case, "tjd_dualproj_w")) <= tol
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_exact_projections_are_non_conflicting(case):
   """M w >= 0 (J d >= 0), up to float32 rounding relative to the size of the weights."""
   gram = reference.get(case, "gram")
@@ -55,7 +55,7 @@ def nnls_projection(gram, u):
   return u + z
 
 
-@pytest.mark.parametrize("case", CASES, ids=reference.case_id)
+@pytest.mark.parametrize("case", reference.params(CASES))
 def test_exact_projections_match_a_float64_reference(case):
   """``d = J^T w`` against float64 NNLS, relative to the gradients' size ``sum_i |w_i| ||g_i||``.
 

@@ -1,6 +1,8 @@
 """The registry of transforms that the common battery (test_battery.py) runs.
 
-A method joins the battery with one ``Case`` line.
+A method joins the battery with one ``Case`` line. The first case of each factory is its
+primary case, the one the quick tier (``pytest -m "not slow"``) runs; the others are variants
+(other options of the same method), in the slow tier.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 import optax_mtl
 
@@ -74,3 +77,19 @@ CASES = [
     Case("upgrad_torchjd", optax_mtl.upgrad, kwargs={"regularization": 1e-4, "task_specific": "weighted"}),
     Case("dualproj", optax_mtl.dualproj),
 ]
+
+
+def _primary_cases() -> list[Case]:
+  first = {}
+  for case in CASES:
+    first.setdefault(case.factory, case)
+  return list(first.values())
+
+
+PRIMARY_CASES = _primary_cases()
+
+
+def case_params(cases=CASES) -> list:
+  """``cases`` as pytest params named by the case, the variants marked ``slow``."""
+  return [pytest.param(case, id=case.name, marks=() if case in PRIMARY_CASES else pytest.mark.slow)
+          for case in cases]
