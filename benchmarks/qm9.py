@@ -36,7 +36,7 @@ The benchmark of Navon et al. (2022), built on PyTorch Geometric's
   ``optax_mtl.task_gradients`` (one backward pass; the 11 only on a refresh),
   the others ``optax_mtl.value_and_jacobian`` (11 backward passes).
   ``nash_mtl_ccp``: Nash-MTL with the paper's CCP solver. ``stl``: 11
-  single-task networks (one head each), trained side by side (``jax.vmap``)
+  single-task networks (one head each), trained side by side (``lax.map``)
   on the same batches, each with its own plateau schedule on its own task's
   validation MAE and selected at its best.
 - metrics: test MAE per task in ``qm9_data.UNITS``; ``delta_m`` = nash-mtl's
@@ -55,9 +55,10 @@ Outputs: ``DIR/qm9.json`` (the pinned keys: ``protocol`` and, per method,
   python benchmarks/qm9.py --methods linear_scalarization scale_invariant random_weighting dwa \\
       uncertainty_weighting mgda pcgrad cagrad imtl_g nash_mtl nash_mtl_every_5 nash_mtl_every_50 stl \\
       --seeds 0 1 2 --epochs 300 --out qm9_results
-  # a reduced CPU protocol (not yet run; 24 steps per method, a smoke-level comparison)
-  python benchmarks/qm9.py --methods all --seeds 0 --train-size 720 --val-size 500 --test-size 1000 \\
-      --epochs 4 --dim 32 --out qm9_cpu
+  # the reduced CPU protocol of benchmarks/results/qm9_cpu.json (docs/qm9.md), split by method and merged
+  python benchmarks/qm9.py --methods all --seeds 0 --train-size 4800 --val-size 1000 --test-size 2000 \\
+      --epochs 3 --dim 16 --out qm9_cpu
+  python benchmarks/qm9.py --merge run1 run2 steps/qm9_step_times.json --out qm9_cpu   # runs split by method/seed
   python benchmarks/qm9.py --tiny --methods linear_scalarization nash_mtl stl --out /tmp/qm9_tiny   # smoke
   python benchmarks/qm9.py --measure-edge-network --dim 64 --batch 120   # naive vs factored NNConv
 """
@@ -91,6 +92,15 @@ ROUNDS = 3
 SET2SET_STEPS = 3
 SHARED = {"shared": True, "heads": False}  # a prefix mask of the params
 BASE = np.asarray(qm9_data.PAPER_STL)
+# The paper's Table 6 (3 seeds, the full protocol): Delta_m% and MR (mean rank over the 11 MAEs among these 10).
+PAPER_TABLE_6 = {
+    "linear_scalarization": (177.6, 6.8), "scale_invariant": (77.8, 4.0), "random_weighting": (203.8, 8.2),
+    "dwa": (175.3, 6.4), "uncertainty_weighting": (108.0, 5.3), "mgda": (120.5, 5.9), "pcgrad": (125.7, 5.0),
+    "cagrad": (112.8, 5.7), "imtl_g": (77.2, 4.7), "nash_mtl": (62.0, 2.5),
+}
+# The paper's Table 7: minutes per epoch on its GPU.
+PAPER_MINUTES_PER_EPOCH = {"linear_scalarization": 0.54, "mgda": 7.25, "pcgrad": 7.47, "cagrad": 6.85,
+                           "nash_mtl": 6.76, "nash_mtl_every_5": 1.81, "nash_mtl_every_50": 0.69}
 
 # name -> (factory (num_tasks, seed) -> transform, gradient path)
 METHODS = {
@@ -359,6 +369,69 @@ def mean_ranks(table) -> np.ndarray:
   return ranks.mean(axis=1)
 
 
+def rank_correlation(x, y) -> float:
+  """Spearman's rank correlation of two sequences (ties share their mean rank)."""
+  rx, ry = (mean_ranks(np.asarray(v, np.float64)[:, None]) for v in (x, y))
+  rx, ry = rx - rx.mean(), ry - ry.mean()
+  return float(np.sum(rx * ry) / np.sqrt(np.sum(rx**2) * np.sum(ry**2)))
+
+
+def paper_comparison(results: dict) -> dict | None:
+  """Our Delta_m% and MR next to the paper's Table 6 on the methods both have, and the rank correlation.
+
+  MR is recomputed among those methods only (the paper ranks its 10), so the two MR columns compare.
+  """
+  methods = results["methods"]
+  common = [name for name in PAPER_TABLE_6 if name in methods]
+  if len(common) < 2:
+    return None
+  ours = [methods[name]["delta_m"] for name in common]
+  paper = [PAPER_TABLE_6[name][0] for name in common]
+  ranks = mean_ranks(np.asarray([methods[name]["mae"] for name in common]))
+  rows = {name: {"delta_m": d, "delta_m_paper": PAPER_TABLE_6[name][0], "mr": float(r),
+                 "mr_paper": PAPER_TABLE_6[name][1], "delta_m_own": methods[name].get("delta_m_own")}
+          for name, d, r in zip(common, ours, ranks)}
+  return {"methods": rows, "spearman_delta_m": rank_correlation(ours, paper),
+          "spearman_mr": rank_correlation(ranks, [PAPER_TABLE_6[name][1] for name in common])}
+
+
+def merge(paths) -> dict:
+  """One result from several ``qm9.json`` of the same protocol (runs split by method or seed).
+
+  A ``qm9_step_times.json`` (``--time-steps``) among them is kept as ``step_times``: the table's time per step.
+  """
+  merged = None
+  step_times = None
+  for path in paths:
+    path = pathlib.Path(path)
+    part = json.loads((path / "qm9.json" if path.is_dir() else path).read_text())
+    if part.get("benchmark") == "qm9_step_times":
+      step_times = part
+      continue
+    if merged is None:
+      merged = dict(part, methods={}, commands=[], wall_s=0.0)
+    same = {k: v for k, v in part["protocol"].items() if k not in ("seeds", "paths")}
+    if same != {k: v for k, v in merged["protocol"].items() if k not in ("seeds", "paths")}:
+      raise ValueError(f"{path}: another protocol than the first file's; only the seeds and methods may differ")
+    merged["commands"].append(part["command"])
+    merged["wall_s"] += part.get("wall_s", 0.0)
+    merged["protocol"]["paths"].update(part["protocol"]["paths"])
+    merged["protocol"]["seeds"] = sorted(set(merged["protocol"]["seeds"]) | set(part["protocol"]["seeds"]))
+    for name, entry in part["methods"].items():
+      runs = merged["methods"].setdefault(name, {"per_seed": []})["per_seed"]
+      if {r["seed"] for r in runs} & {r["seed"] for r in entry["per_seed"]}:
+        raise ValueError(f"{path}: {name} has a seed that an earlier file already holds")
+      runs.extend(entry["per_seed"])
+      runs.sort(key=lambda r: r["seed"])
+  merged["command"] = " && ".join(merged.pop("commands"))
+  merged.pop("stl_mae", None)
+  if step_times is not None:
+    if step_times["protocol"]["dim"] != merged["protocol"]["dim"]:
+      raise ValueError(f"step times at dim {step_times['protocol']['dim']}, the runs at {merged['protocol']['dim']}")
+    merged["step_times"] = step_times
+  return summarize(merged)
+
+
 def condition_number(gram) -> tuple[float, float]:
   """``(sqrt(lambda_max / lambda_min), lambda_min)`` of the Gram (eigenvalues below ``lambda_max K eps`` dropped)."""
   eigenvalues = np.linalg.eigvalsh(np.asarray(gram, np.float64))
@@ -416,7 +489,8 @@ class Runner:
         updates, state = adam.update(grads, state, p)
         return optax.apply_updates(p, updates), state, value
 
-      params, opt_state, losses = jax.vmap(one)(params, opt_state, jnp.arange(K))
+      # One network after the other: on a CPU, 2.6x faster than vmapping the 11 (dim 16, batch 120).
+      params, opt_state, losses = jax.lax.map(lambda args: one(*args), (params, opt_state, jnp.arange(K)))
       return (params, opt_state), (losses, jnp.ones((K,), jnp.float32))
 
     def run_epoch(params, opt_state, idx, seed_tx=None):
@@ -578,16 +652,24 @@ def summarize(results: dict, stl_mae=None) -> dict:
     ranks = mean_ranks(np.asarray([methods[name]["mae"] for name in mtl]))
     for name, rank in zip(mtl, ranks):
       methods[name]["mr"] = float(rank)
+  results["paper_comparison"] = paper_comparison(results)
   return results
+
+
+PAPER_PROTOCOL = {"train_size": 110_831, "val_size": 10_000, "test_size": 10_000, "epochs": 300, "dim": 64,
+                  "batch": 120}
 
 
 def markdown(results: dict) -> str:
   p = results["protocol"]
+  reduced = [f"{k} {p[k]} (paper {v})" for k, v in PAPER_PROTOCOL.items() if p[k] != v]
+  label = ("**Reduced protocol**: " + ", ".join(reduced) + ".") if reduced else "The paper's protocol."
   head = ["method", *(f"{t} ({u})" for t, u in zip(qm9_data.TARGETS, qm9_data.UNITS)), "Δm% ↓", "Δm% own ↓",
-          "MR ↓", "s/step"]
-  lines = [f"**QM9** ({len(p['seeds'])} seed(s); train/val/test {p['train_size']}/{p['val_size']}/{p['test_size']},"
-           f" {p['epochs']} epochs, dim {p['dim']}, batch {p['batch']}, Adam lr {p['lr']}; test MAE at the best"
-           " validation Δm%, mean over seeds; Δm% against the paper's STL, Δm% own against ours)", "",
+          "MR ↓", "seeds", "s/step"]
+  lines = [f"**QM9** (train/val/test {p['train_size']}/{p['val_size']}/{p['test_size']}, {p['epochs']} epochs,"
+           f" dim {p['dim']}, batch {p['batch']}, Adam lr {p['lr']}; test MAE at the best validation Δm%, mean over"
+           " seeds; Δm% ± std over seeds against the paper's STL, Δm% own against ours; MR among the multi-task"
+           f" methods of this table). {label}", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   order = sorted(results["methods"].items(), key=lambda item: (item[0] != STL, item[1]["delta_m"]))
   for name, entry in order:
@@ -595,9 +677,37 @@ def markdown(results: dict) -> str:
     row = [SHORT.get(name, name), *(f"{v:.4g}" for v in entry["mae"]),
            f"{entry['delta_m']:.1f} ± {entry['delta_m_std']:.1f}",
            "-" if own is None else f"{own:.1f}", f"{entry['mr']:.2f}" if "mr" in entry else "-",
-           f"{entry['seconds_per_step']:.3f}"]
+           str(len(entry["per_seed"])), f"{entry['seconds_per_step']:.3f}"]
     lines.append("| " + " | ".join(row) + " |")
-  lines.append("| paper STL | " + " | ".join(f"{v:.4g}" for v in BASE) + " | 0.0 | - | - | - |")
+  lines.append("| paper STL | " + " | ".join(f"{v:.4g}" for v in BASE) + " | 0.0 | - | - | - | - |")
+  comparison = results.get("paper_comparison")
+  if comparison:
+    lines += ["", "**Against the paper's Table 6** (ours under the protocol above; MR among these methods only)", "",
+              "| method | Δm% (ours) | Δm% (paper) | MR (ours) | MR (paper) |", "|---|---|---|---|---|"]
+    for name, row in sorted(comparison["methods"].items(), key=lambda item: item[1]["delta_m_paper"]):
+      lines.append(f"| {SHORT[name]} | {row['delta_m']:.1f} | {row['delta_m_paper']:.1f} | {row['mr']:.2f} |"
+                   f" {row['mr_paper']:.1f} |")
+    lines += ["", f"Spearman rank correlation with the paper: {comparison['spearman_delta_m']:.2f} on Δm%,"
+              f" {comparison['spearman_mr']:.2f} on MR ({len(comparison['methods'])} methods)."]
+  step_times = results.get("step_times")
+  if step_times:
+    seconds = {name: t["seconds_per_step"] for name, t in step_times["timings"].items()}
+    sp = step_times["protocol"]
+    source = (f"timed round-robin in one process, median of {next(iter(step_times['timings'].values()))['repeats']},"
+              f" dim {sp['dim']}, batch {sp['batch']}; `{step_times['command']}`")
+  else:
+    seconds = {name: entry["seconds_per_step"] for name, entry in results["methods"].items()}
+    source = "the training runs' median epoch over its steps"
+  if "linear_scalarization" in seconds:
+    ls = seconds["linear_scalarization"]
+    paper_ls = PAPER_MINUTES_PER_EPOCH["linear_scalarization"]
+    lines += ["", f"**Time per step against LS** (ours: seconds per training step, {source}; the paper: its"
+              " Table 7, minutes per epoch on its GPU)", "", "| method | s/step | × LS | paper × LS |",
+              "|---|---|---|---|"]
+    for name, t in seconds.items():
+      paper = PAPER_MINUTES_PER_EPOCH.get(name)
+      lines.append(f"| {SHORT.get(name, name)} | {t:.3f} | {t / ls:.1f} |"
+                   f" {'-' if paper is None else f'{paper / paper_ls:.1f}'} |")
   return "\n".join(lines) + "\n"
 
 
@@ -706,6 +816,39 @@ def measure_edge_network(dim: int = 64, batch: int = 120, repeats: int = 5, seed
   return out
 
 
+# ----------------------------------------------------------------------------- time per step
+
+CYCLES = {"nash_mtl_every_5": 5, "nash_mtl_every_50": 50}
+
+
+def time_steps(data: dict, args, repeats: int = 3) -> dict:
+  """Seconds per training step of each of ``args.methods``, timed round-robin on the same batches.
+
+  A method is timed as its compiled epoch over a cycle of steps, divided by
+  the cycle's length: 5 steps, or ``k`` for Nash-MTL with
+  ``update_weights_every = k`` (one refresh and ``k - 1`` steps that reuse the
+  weights), so that every method's time includes the same per-call overhead
+  spread over several steps.
+  """
+  calls, cycle = {}, {}
+  for name in args.methods:
+    runner = Runner(name, data, args)
+    params, opt_state = runner.init(0)
+    cycle[name] = CYCLES.get(name, 5)
+    idx = jnp.arange(cycle[name] * args.batch).reshape(cycle[name], args.batch) % data["sizes"]["train"]
+    fn = runner.compiled_epoch(0, params, opt_state, idx)
+    calls[name] = functools.partial(fn, params, opt_state, idx)
+  timings = common.time_interleaved(calls, repeats=repeats, warmup=1, settle=0)
+  ls = timings.get("linear_scalarization")
+  for name, t in timings.items():
+    t["steps_per_call"] = cycle[name]
+    t["seconds_per_step"] = t["median_ms"] / 1e3 / cycle[name]
+  if ls is not None:
+    for t in timings.values():
+      t["ratio_to_ls"] = t["seconds_per_step"] / ls["seconds_per_step"]
+  return timings
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -736,6 +879,12 @@ def parse(argv=None):
   parser.add_argument("--cache-dir", default=None, help="default: $OPTAX_MTL_QM9_CACHE or ~/.cache/optax_mtl/qm9")
   parser.add_argument("--stl-from", default=None, help="a qm9.json whose stl MAEs serve as our STL baseline")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("qm9_results"))
+  parser.add_argument("--time-steps", action="store_true",
+                      help="time one step of each of --methods round-robin (a cycle of k for nash_mtl_every_k),"
+                      " write qm9_step_times.json under --out and exit")
+  parser.add_argument("--repeats", type=int, default=3, help="timed rounds of --time-steps")
+  parser.add_argument("--merge", nargs="+", type=pathlib.Path, default=None, metavar="DIR_OR_JSON",
+                      help="merge the qm9.json of runs of one protocol split by method or seed into --out and exit")
   parser.add_argument("--no-plots", action="store_true")
   parser.add_argument("--no-progress", action="store_true")
   parser.add_argument("--tiny", action="store_true",
@@ -772,9 +921,22 @@ def main(argv=None) -> dict:
       print(f"  {name:<28}{t['median_ms']:>10.1f} ms")
     print(f"wrote {path}")
     return result
+  if args.merge:
+    return write_outputs(merge(args.merge), args, command)
   start = time.perf_counter()
   raw = qm9_data.load(args.data_dir, args.cache_dir, progress=not args.no_progress)
   data = prepare(raw, args)
+  if args.time_steps:
+    timings = time_steps(data, args, args.repeats)
+    result = {"benchmark": "qm9_step_times", "command": command, "environment": common.environment(),
+              "protocol": {"dim": args.dim, "batch": args.batch, "edge_network": args.edge_network,
+                           "jacobian_batch_size": args.jacobian_batch_size, "train_size": data["sizes"]["train"]},
+              "timings": timings}
+    path = common.write(result, args.out / "qm9_step_times.json", "qm9_step_times.json")
+    for name, t in timings.items():
+      print(f"  {name:<24}{t['seconds_per_step']:>10.3f} s/step  {t.get('ratio_to_ls', float('nan')):>7.2f} x LS")
+    print(f"wrote {path}")
+    return result
   results = {
       "benchmark": "qm9",
       "command": command,
@@ -789,7 +951,7 @@ def main(argv=None) -> dict:
                    "last_partial_batch": "dropped in training; masked padding in evaluation",
                    "features": "pyg_sdf" if args.pyg_sdf_features else "rdkit_sanitised",
                    "edge_network": args.edge_network, "jacobian_batch_size": args.jacobian_batch_size,
-                   "paths": {name: ("vmap of 11 single-task networks" if name == STL else METHODS[name][1])
+                   "paths": {name: ("11 single-task networks (lax.map)" if name == STL else METHODS[name][1])
                              for name in args.methods}},
       "data": {"molecules": int(len(raw["targets"])), "cache_path": raw["cache_path"],
                "match_counts": qm9_data.match_counts(raw)},
@@ -806,10 +968,18 @@ def main(argv=None) -> dict:
     stl_mae = json.loads(pathlib.Path(args.stl_from).read_text())["methods"][STL]["mae"]
   summarize(results, stl_mae)
   results["wall_s"] = time.perf_counter() - start
+  return write_outputs(results, args, command)
+
+
+def write_outputs(results: dict, args, command: str) -> dict:
+  """``qm9.json``, ``qm9.md`` and the plots under ``--out``."""
   args.out.mkdir(parents=True, exist_ok=True)
   json_path = common.write(results, args.out / "qm9.json", "qm9.json")
   md_path = args.out / "qm9.md"
-  md_path.write_text(markdown(results) + f"\nProduced by `{command}` in {results['wall_s']:.0f} s.\n")
+  produced = f"Produced by `{results['command']}` in {results['wall_s']:.0f} s"
+  if args.merge:
+    produced += f", merged by `{command}`"
+  md_path.write_text(markdown(results) + f"\n{produced}.\n")
   print(md_path.read_text())
   if not args.no_plots:
     try:

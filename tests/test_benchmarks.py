@@ -368,3 +368,24 @@ print("solved")
 """
   done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
   assert done.stdout.strip() == "solved", done.stderr
+
+
+def test_nash_official_records_a_trace_and_redoes_the_digits_row_without_torch(tmp_path):
+  # The compare phase needs cvxpy (and torch for TorchJD's class): no smoke test for it here.
+  import numpy as np
+
+  nash_official = load("nash_official")
+  nash_official.main(["record", "--tiny", "--out", str(tmp_path)])
+  trace = np.load(tmp_path / nash_official.TRACE)
+  assert trace["gram"].shape == (100, 5, 5) and trace["weights"].shape == (100, 5)
+  assert json.loads(str(trace["meta_json"]))["config"]["steps"] == 100
+  # The recorded weights solve a_i (M a)_i = 1 for the recorded Grams.
+  np.testing.assert_allclose(nash_official.residual(trace["gram"], trace["weights"].astype(np.float64)), 0.0,
+                             atol=1e-4)
+  factor = nash_official.gram_factor(trace["gram"][-1])
+  np.testing.assert_allclose(factor @ factor.T, trace["gram"][-1], rtol=1e-5, atol=1e-7)
+  nash_official.main(["digits", "--tiny", "--seeds", "0", "--variants", "regularization", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / nash_official.RESULT).read_text())
+  row = result["digits"]["runs"]["regularization"]
+  assert row["options"] == {"regularization": 1e-6} and row["seeds"] == [0] and np.isfinite(row["delta_m"])
+  assert "regularization=1e-06" in nash_official.markdown(result)

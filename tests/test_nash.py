@@ -1,6 +1,7 @@
 """Nash-MTL (optax_mtl._src.nash): fixtures, oracles, degenerate inputs, the transform."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,87 @@ def test_solver_validation():
     optax_mtl.nash_mtl(2, solver="ecos")
   with pytest.raises(ValueError, match="task_specific"):
     optax_mtl.nash_mtl(2, task_specific="none")
+  with pytest.raises(ValueError, match="regularization"):
+    optax_mtl.weighting.nash(jnp.eye(2), regularization=-1e-6)
+  with pytest.raises(ValueError, match="regularization"):
+    optax_mtl.nash_mtl(2, regularization=-1.0)
+
+
+# Grams of a digits training run in which the parity task's gradient vanishes (its norm falls from
+# 0.2 to 1e-10), every 25th step from 400 to 1000: see tests/data/build_nash_vanishing.py.
+VANISHING = np.load(pathlib.Path(__file__).parent / "data" / "nash_vanishing.npz")
+RHO = 1e-6
+nash_ridge = jax.jit(functools.partial(optax_mtl.weighting.nash, regularization=RHO))
+
+
+def vanishing_factors():
+  """``F`` with ``F F^T`` the recorded Gram, row ``i`` of norm ``n_i`` (a tiny row stays exact in float32)."""
+  factors = []
+  for gram in VANISHING["grams"].astype(np.float64):
+    norms = np.sqrt(np.diag(gram))
+    values, vectors = np.linalg.eigh(gram / np.outer(norms, norms))
+    factors.append(norms[:, None] * vectors * np.sqrt(np.maximum(values, 0.0)))
+  return np.asarray(factors, np.float32)
+
+
+def test_vanishing_gradient_runs_away_and_regularization_bounds_it():
+  """Exact: ``a_i ~ 1/||g_i||`` past 1e9; with the ridge ``||a|| <= sqrt(K / (rho tr M))`` (here < 1e3)."""
+  grams = VANISHING["grams"]
+  exact = np.asarray(jax.vmap(nash)(jnp.asarray(grams)), np.float64)
+  # The run's own (warm-started) weights are the exact solution.
+  np.testing.assert_allclose(exact, VANISHING["weights"], rtol=1e-5)
+  assert exact.max() > 1e9 and exact.max() / np.median(exact) > 1e8
+  ridged = np.asarray(jax.vmap(nash_ridge)(jnp.asarray(grams)), np.float64)
+  gram64 = grams.astype(np.float64)
+  trace = np.trace(gram64, axis1=1, axis2=2)
+  assert np.all(np.linalg.norm(ridged, axis=1) <= np.sqrt(5 / (RHO * trace)) * (1 + 1e-5))
+  assert ridged.max() < 1e3 and np.all(ridged > 0)
+  # It solves the regularised system, and where every gradient norm^2 >> rho tr(M) (the first
+  # recorded step: parity at 0.2, tr(M) = 31) the weights barely move.
+  regularised = gram64 + RHO * trace[:, None, None] * np.eye(5)
+  np.testing.assert_allclose(ridged * np.einsum("tij,tj->ti", regularised, ridged), 1.0, atol=1e-4)
+  np.testing.assert_allclose(ridged[0], exact[0], rtol=1e-3)
+  # A vanished task's share of the update goes to 0 instead of staying O(1): ||a_i g_i|| = a_i n_i.
+  norms = np.sqrt(np.einsum("tii->ti", gram64))
+  assert np.max(ridged[-5:, 1] * norms[-5:, 1]) < 1e-5 < np.min(exact[-5:, 1] * norms[-5:, 1])
+
+
+def test_regularization_in_the_transform_along_the_recorded_run():
+  """Stepping the transform (warm starts) through the run: exact state weights past 1e9, ridged below 1e3."""
+  params = {"p": jnp.zeros(5)}
+  runs = {}
+  for name, tx in (("exact", optax_mtl.nash_mtl(5)), ("ridge", optax_mtl.nash_mtl(5, regularization=RHO))):
+    update = jax.jit(tx.update)
+    state, weights = tx.init(params), []
+    for factor in vanishing_factors():
+      updates, state = update({"p": jnp.asarray(factor)}, state, params)
+      weights.append(np.asarray(state.weights))
+      assert np.isfinite(float(optax.tree.norm(updates))) and float(optax.tree.norm(updates)) <= 1.0 + 1e-5
+    runs[name] = np.asarray(weights, np.float64)
+  assert runs["exact"].max() > 1e9
+  assert runs["ridge"].max() < 1e3
+  np.testing.assert_allclose(runs["ridge"], np.asarray(jax.vmap(nash_ridge)(jnp.asarray(VANISHING["grams"]))),
+                             rtol=2e-3)
+
+
+def test_regularization_keeps_zero_gradients_at_zero_and_solves_pareto_stationary_input():
+  g = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+  a = np.asarray(nash_ridge(jnp.asarray(g @ g.T, jnp.float32)))
+  assert a[1] == 0.0 and np.all(a[[0, 2]] > 0)
+  # g_2 = -g_1: no exact solution (zero weights); the ridge has one, whose update is zero.
+  g = np.array([[1.0, 2.0], [-1.0, -2.0]])
+  a = np.asarray(jax.jit(functools.partial(optax_mtl.weighting.nash, regularization=1e-2))(
+      jnp.asarray(g @ g.T, jnp.float32)))
+  assert np.all(a > 0) and np.all(np.abs(a @ g) < 1e-5)
+  np.testing.assert_array_equal(nash(jnp.asarray(g @ g.T, jnp.float32)), 0.0)
+
+
+@pytest.mark.parametrize("solver", ["ccp", pytest.param("jaxopt", marks=pytest.mark.slow)])
+def test_regularization_with_the_other_solvers(solver):
+  gram = jnp.asarray(VANISHING["grams"][0])
+  expected = nash_ridge(gram)
+  a = jax.jit(functools.partial(optax_mtl.weighting.nash, regularization=RHO, solver=solver))(gram)
+  np.testing.assert_allclose(a, expected, rtol=2e-3)
 
 
 def setup():

@@ -207,3 +207,57 @@ def test_smoke_run_writes_the_pinned_keys(tmp_path):
       assert "mr" in entry and run["nonfinite_count"] == [0, 0]
   assert result["methods"]["stl"]["delta_m_own"] == pytest.approx(0.0)
   assert (out / "qm9.md").exists()
+
+
+def test_rank_correlation_is_spearmans():
+  scipy_stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=10), rng.normal(size=10)
+  assert qm9.rank_correlation(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+  assert qm9.rank_correlation([1, 2, 3], [10, 30, 20]) == pytest.approx(0.5)
+  assert qm9.rank_correlation([1, 2, 2, 4], [4, 3, 3, 1]) == pytest.approx(-1.0)  # ties share their rank
+
+
+def _part(methods, seeds, **protocol):
+  """A ``qm9.json`` as a run writes it, made up: ``methods`` maps a name to its MAEs over the paper's STL."""
+  base = np.asarray(qm9.BASE)
+  protocol = {"train_size": 4800, "val_size": 1000, "test_size": 2000, "epochs": 3, "dim": 16, "batch": 120,
+              "lr": 1e-3, "seeds": list(seeds), "paths": {name: "lazy" for name in methods}, **protocol}
+  runs = {name: {"per_seed": [{"seed": seed, "mae": (base * (scale + seed / 1000)).tolist(),
+                               "delta_m": qm9.delta_m(base * (scale + seed / 1000), base), "seconds_per_step": 0.1 * scale}
+                              for seed in seeds]} for name, scale in methods.items()}
+  return {"command": f"run {sorted(methods)} {list(seeds)}", "protocol": protocol, "methods": runs, "wall_s": 10.0}
+
+
+def test_merge_joins_runs_split_by_method_and_seed(tmp_path):
+  # Made-up MAEs in the paper's Delta_m% order: the comparison's rank correlations are 1 on Delta_m%.
+  scales = {name: 1 + delta / 100 for name, (delta, _) in qm9.PAPER_TABLE_6.items()}
+  parts = [_part({**scales, "stl": 1.0}, [0]), _part({"nash_mtl": scales["nash_mtl"], "mgda": scales["mgda"]}, [1, 2])]
+  for i, part in enumerate(parts):
+    (tmp_path / f"p{i}").mkdir()
+    (tmp_path / f"p{i}" / "qm9.json").write_text(json.dumps(part))
+  step_times = {"benchmark": "qm9_step_times", "command": "time", "protocol": {"dim": 16, "batch": 120},
+                "timings": {"linear_scalarization": {"seconds_per_step": 0.25, "repeats": 3},
+                            "nash_mtl_every_50": {"seconds_per_step": 0.3, "repeats": 3}}}
+  (tmp_path / "steps.json").write_text(json.dumps(step_times))
+  merged = qm9.merge([tmp_path / "p0", tmp_path / "steps.json", tmp_path / "p1" / "qm9.json"])
+  methods = merged["methods"]
+  assert merged["protocol"]["seeds"] == [0, 1, 2] and merged["wall_s"] == 20.0
+  assert [r["seed"] for r in methods["nash_mtl"]["per_seed"]] == [0, 1, 2]
+  assert len(methods["linear_scalarization"]["per_seed"]) == 1
+  np.testing.assert_allclose(methods["nash_mtl"]["mae"], qm9.BASE * (scales["nash_mtl"] + 0.001))  # seeds 0-2
+  assert methods["stl"]["delta_m_own"] == pytest.approx(0.0)
+  assert methods["linear_scalarization"]["delta_m_own"] == pytest.approx(177.6)
+  comparison = merged["paper_comparison"]
+  assert set(comparison["methods"]) == set(qm9.PAPER_TABLE_6)
+  assert comparison["spearman_delta_m"] == pytest.approx(1.0)
+  assert comparison["methods"]["nash_mtl"]["delta_m_paper"] == 62.0
+  text = qm9.markdown(merged)
+  assert "**Reduced protocol**: train_size 4800 (paper 110831)" in text and "Spearman rank correlation" in text
+  assert "| Nash-MTL | 62.1 | 62.0 |" in text
+  assert "| Nash-MTL-50 | 0.300 | 1.2 | 1.3 |" in text  # the step times' file, against the paper's Table 7
+  with pytest.raises(ValueError, match="a seed that an earlier file already holds"):
+    qm9.merge([tmp_path / "p0", tmp_path / "p0"])
+  (tmp_path / "p2.json").write_text(json.dumps(_part({"dwa": 2.0}, [1], dim=32)))
+  with pytest.raises(ValueError, match="another protocol"):
+    qm9.merge([tmp_path / "p0", tmp_path / "p2.json"])
