@@ -824,7 +824,7 @@ def nash_official_section(loaded, page) -> list[str]:
   path, result = loaded[0]
   lines = ["`benchmarks/nash_official.py`: on the five-task digits problem, the Gram of every step of an"
            " `optax_mtl.nash_mtl` training run, fed open loop to the official Nash-MTL weighting (TorchJD's port of"
-           " the cvxpy/ECOS CCP) and to our weighting with a cap; the weights of each compared.", "",
+           " the cvxpy/ECOS CCP), to ours and to ours with `regularization`; the weights compared, and the digits row redone.", "",
            files_line([path]) + " Command:", "", "```text", result.get("command", "-"), "```", ""]
   markdown = _markdown_of("benchmarks", "nash_official")
   if markdown is not None:
